@@ -1,0 +1,49 @@
+"""accumfn: gradient accumulation that is provably the same as large-batch training.
+
+Functional core (``init``, ``accumulate``, ``apply_step``) over an immutable ``AccumState``,
+and the ``GradientAccumulator`` object API built on it.
+"""
+
+from .accumulate import accumulate, check_loss, micro_step_context, prepare_forward
+from .accumulator import AccumulationStats, GradientAccumulator
+from .core import AccumConfig, AccumState, ByEpoch, ByStep, Constant, Normalization, init
+from .effects import StepReport, apply_step, reset_epoch, step_window
+from .errors import (
+    AccumError,
+    CallOrderError,
+    CheckpointError,
+    ConfigError,
+    LossError,
+    StateFormatError,
+)
+from .lightning import AccumulationConflictError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccumConfig",
+    "AccumError",
+    "AccumState",
+    "AccumulationConflictError",
+    "AccumulationStats",
+    "ByEpoch",
+    "ByStep",
+    "CallOrderError",
+    "CheckpointError",
+    "ConfigError",
+    "Constant",
+    "GradientAccumulator",
+    "LossError",
+    "Normalization",
+    "StateFormatError",
+    "StepReport",
+    "__version__",
+    "accumulate",
+    "apply_step",
+    "check_loss",
+    "init",
+    "micro_step_context",
+    "prepare_forward",
+    "reset_epoch",
+    "step_window",
+]

@@ -1,0 +1,95 @@
+"""The torch-facing transition: scale the loss as the core says, run backward, control sync."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.amp import GradScaler
+
+from . import _distributed as distributed
+from . import core
+from .core import AccumState
+from .errors import LossError
+
+__all__ = ["accumulate", "check_loss", "micro_step_context", "prepare_forward"]
+
+
+def check_loss(loss: object) -> torch.Tensor:
+    """Return ``loss`` if it is a scalar tensor backward can run from, else raise LossError."""
+    if not isinstance(loss, torch.Tensor):
+        raise LossError(
+            f"loss must be a torch.Tensor, got {type(loss).__name__}; pass the tensor the "
+            f"model produced, not loss.item()."
+        )
+    if loss.ndim != 0:
+        raise LossError(
+            f"loss must be a scalar (0-dim) tensor, got shape {tuple(loss.shape)}; reduce it "
+            f"first (loss.mean() for mean mode, loss.sum() with num_items=... for item mode)."
+        )
+    if not loss.requires_grad:
+        raise LossError(
+            "loss does not require grad (no grad_fn): it was computed under torch.no_grad(), "
+            "detached, or from a model with no trainable parameters."
+        )
+    return loss
+
+
+def prepare_forward(state: AccumState, model: nn.Module) -> None:
+    """Set DDP's sync flag for the next forward from the state.
+
+    ``accumulate`` and ``apply_step`` do this for the following micro-step; call it once
+    before the first forward of a run so the first window does not all-reduce early.
+    """
+    distributed.set_forward_sync(model, core.sync_next_forward(state))
+
+
+@contextmanager
+def micro_step_context(state: AccumState, model: nn.Module) -> Iterator[None]:
+    """Explicit form: ``with micro_step_context(state, model): loss = model(x)``.
+
+    Sets the sync flag for this forward from the state, like DDP's ``no_sync`` but only on
+    micro-steps that do not close the window.
+    """
+    prepare_forward(state, model)
+    yield
+
+
+def accumulate(
+    state: AccumState,
+    loss: torch.Tensor,
+    model: nn.Module,
+    *,
+    is_final_batch: bool = False,
+    num_items: int | None = None,
+    scaler: GradScaler | None = None,
+) -> tuple[AccumState, bool]:
+    """Backward one micro-batch's loss; return (new state, whether the window closed).
+
+    Mean mode (``num_items=None``): ``loss`` is a mean; it is divided by the window size.
+    Item mode: ``loss`` is a sum over ``num_items`` items; gradients are divided by the
+    window's item count over all ranks when the window closes. When ``stepped`` is True,
+    call ``apply_step``. The input state is never changed; on error nothing is run.
+    """
+    check_loss(loss)
+    new_state, plan = core.micro_step(state, is_final_batch=is_final_batch, num_items=num_items)
+    synced = distributed.forward_synced(model)
+    distributed.set_backward_sync(model, plan.reduce_grads)
+    scaled = loss / plan.loss_divisor if plan.loss_divisor != 1 else loss
+    if scaler is not None:
+        scaled = scaler.scale(scaled)
+    torch.autograd.backward(scaled)
+    if plan.boundary:
+        if plan.reduce_grads and not synced:
+            distributed.mean_allreduce_grads_(model)
+        global_items = None
+        if new_state.window_norm is core.Normalization.ITEMS:
+            global_items = distributed.global_sum(model, new_state.window_items, loss.device)
+        new_state = core.close_window(
+            new_state, global_items=global_items, averaged_over=distributed.averaged_over(model)
+        )
+    else:
+        distributed.set_forward_sync(model, core.sync_next_forward(new_state))
+    return new_state, plan.boundary

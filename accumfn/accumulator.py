@@ -1,0 +1,211 @@
+"""``GradientAccumulator``: the object API of the guide, wired from the step functions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.amp import GradScaler
+
+from . import _checkpoint as checkpoint
+from . import core
+from .accumulate import accumulate, check_loss, prepare_forward
+from .core import AccumState
+from .effects import LRScheduler, reset_epoch, step_window
+from .errors import ConfigError
+from .lightning import check_conflict, trainer_accumulation
+
+__all__ = ["AccumulationStats", "GradientAccumulator"]
+
+
+@attrs.frozen
+class AccumulationStats:
+    """A snapshot of the accumulator's counters."""
+
+    total_steps: int
+    """Micro-batches accumulated (backward calls)."""
+    optimizer_steps: int
+    """Windows whose update was applied (``optimizer.step()`` ran)."""
+    current_accumulation: int
+    """Micro-batches in the open window (0 to window-1)."""
+    effective_batch_size: int
+    """Micro-batch size times the window (per process)."""
+    is_accumulating: bool
+    """True while the open window holds unapplied gradients."""
+    last_grad_norm: float
+    """Pre-clip gradient norm of the last window; nan before the first one."""
+    skipped_steps: int = 0
+    """Windows skipped for non-finite gradients (GradScaler or ``skip_nonfinite``)."""
+
+
+class GradientAccumulator:
+    """Accumulate gradients over micro-batches, step like one large batch.
+
+    ``accumulation_steps`` may be an int, ``{epoch: steps}`` or a callable of the effective
+    step. With a Lightning ``trainer`` and ``accumulation_steps=1`` Lightning does the
+    accumulating and this object only reports; both accumulating raises ValueError.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        accumulation_steps: core.StepsSpec = 1,
+        max_grad_norm: float | None = 1.0,
+        scaler: GradScaler | None = None,
+        batch_size: int = 1,
+        trainer: Any = None,
+        *,
+        scheduler: LRScheduler | None = None,
+        skip_nonfinite: bool = False,
+        sync_every_micro_step: bool = False,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+            )
+        check_conflict(accumulation_steps, trainer)
+        if trainer is not None and trainer_accumulation(trainer) is None:
+            raise ConfigError(
+                f"trainer {type(trainer).__name__} has no int accumulate_grad_batches: pass a "
+                f"Lightning Trainer, or trainer=None for manual accumulation."
+            )
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.scheduler = scheduler
+        self.trainer = trainer
+        self._state = core.init(
+            accumulation_steps,
+            max_grad_norm=max_grad_norm,
+            batch_size=batch_size,
+            skip_nonfinite=skip_nonfinite,
+            sync_every_micro_step=sync_every_micro_step,
+        )
+        self._lightning = trainer is not None and accumulation_steps == 1
+        self._lightning_calls = 0
+        self._norm: torch.Tensor | None = None
+        self._model: nn.Module | None = None
+
+    # -- the step ---------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> None:
+        """Under DDP, call once before the first forward so the first window syncs once."""
+        self._model = model
+        prepare_forward(self._state, model)
+
+    def accumulate(
+        self,
+        loss: torch.Tensor,
+        model: nn.Module,
+        is_final_batch: bool = False,
+        num_items: int | None = None,
+    ) -> bool:
+        """Backward ``loss``; at a window's end step the optimizer. Returns True if it did.
+
+        Under Lightning management this only checks the loss and returns True.
+        """
+        if self._lightning:
+            check_loss(loss)
+            self._lightning_calls += 1
+            return True
+        self._model = model
+        state, stepped = accumulate(
+            self._state,
+            loss,
+            model,
+            is_final_batch=is_final_batch,
+            num_items=num_items,
+            scaler=self.scaler,
+        )
+        self._state = state
+        if stepped:
+            report = step_window(
+                state, self.optimizer, model, scaler=self.scaler, scheduler=self.scheduler
+            )
+            self._state = report.state
+            self._norm = report.grad_norm
+        return stepped
+
+    def reset_epoch(self) -> None:
+        """Start the next epoch (epoch schedules advance).
+
+        A window still open is discarded, not carried over: its gradients are zeroed, the
+        micro-batches are counted in ``state.dropped_micro_steps`` and a warning is issued.
+        Pass ``is_final_batch=True`` on the last micro-batch to apply them instead.
+        """
+        self._state = reset_epoch(self._state, self.optimizer, self._model)
+
+    # -- what it reports ----------------------------------------------------------------------
+    @property
+    def state(self) -> AccumState:
+        """The functional state behind this object (pre-clip norm read in)."""
+        if self._norm is not None:
+            self._state = attrs.evolve(self._state, last_grad_norm=float(self._norm))
+            self._norm = None
+        return self._state
+
+    @property
+    def is_lightning_managed(self) -> bool:
+        return self._lightning
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Size of the current window (1 under Lightning management)."""
+        return self._state.window
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Micro-batch size times accumulation (Lightning's when it manages), per process."""
+        if self._lightning:
+            lightning_steps = trainer_accumulation(self.trainer) or 1
+            return self._state.config.batch_size * lightning_steps
+        return self._state.effective_batch_size
+
+    @property
+    def effective_step(self) -> int:
+        """Windows stepped so far (applied or skipped); Lightning's global_step if it manages."""
+        if self._lightning:
+            return int(getattr(self.trainer, "global_step", 0))
+        return self._state.effective_step
+
+    @property
+    def stats(self) -> AccumulationStats:
+        state = self.state
+        norm = state.last_grad_norm
+        total = self._lightning_calls if self._lightning else state.total_micro_steps
+        return AccumulationStats(
+            total_steps=total,
+            optimizer_steps=self.effective_step if self._lightning else state.optimizer_steps,
+            current_accumulation=state.micro_step,
+            effective_batch_size=self.effective_batch_size,
+            is_accumulating=state.is_accumulating,
+            last_grad_norm=math.nan if norm is None else norm,
+            skipped_steps=state.skipped_steps,
+        )
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What resuming at this micro-step needs: the state, open-window grads, scaler state.
+
+        Loadable with ``torch.load(weights_only=True)``.
+        """
+        return checkpoint.accumulator_state(self.state, self.optimizer, self.scaler)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], *, allow_config_change: bool = False
+    ) -> None:
+        """Restore from ``state_dict()``. Checked whole before anything changes.
+
+        A checkpoint saved under another accumulation config is refused, unless
+        ``allow_config_change=True`` and it was taken at a window boundary.
+        """
+        self._state = checkpoint.load_accumulator_state(
+            state_dict,
+            self._state,
+            self.optimizer,
+            self.scaler,
+            allow_config_change=allow_config_change,
+        )
+        self._norm = None

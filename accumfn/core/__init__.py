@@ -1,0 +1,33 @@
+"""The pure core: frozen records and the transitions that decide every step. No torch."""
+
+from ._schedule import ByEpoch, ByStep, Constant, Schedule, StepsSpec, schedule_from
+from ._serialize import FORMAT
+from ._state import AccumConfig, AccumState, MicroPlan, Normalization
+from ._transitions import (
+    close_window,
+    finish_step,
+    init,
+    micro_step,
+    start_epoch,
+    sync_next_forward,
+)
+
+__all__ = [
+    "FORMAT",
+    "AccumConfig",
+    "AccumState",
+    "ByEpoch",
+    "ByStep",
+    "Constant",
+    "MicroPlan",
+    "Normalization",
+    "Schedule",
+    "StepsSpec",
+    "close_window",
+    "finish_step",
+    "init",
+    "micro_step",
+    "schedule_from",
+    "start_epoch",
+    "sync_next_forward",
+]

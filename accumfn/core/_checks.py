@@ -1,0 +1,39 @@
+"""Small argument checks shared by the core (no torch)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from ..errors import ConfigError
+
+__all__ = ["check_count", "check_positive_float"]
+
+
+def check_count(name: str, value: object, *, minimum: int = 1) -> int:
+    """Return ``value`` as an int if it is an integer >= ``minimum``, else raise ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(
+            f"{name} must be an int >= {minimum}, got {value!r} of type {type(value).__name__}; "
+            f"pass a whole number such as {max(minimum, 1)}."
+        )
+    as_int = int(value)
+    if as_int < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {as_int}.")
+    return as_int
+
+
+def check_positive_float(name: str, value: object, *, allow_none: bool) -> float | None:
+    """Return ``value`` as a finite float > 0 (or None when allowed), else raise ConfigError."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = " or None to turn it off" if allow_none else ""
+        raise ConfigError(
+            f"{name} must be a positive number{hint}, got {value!r} of type {type(value).__name__}."
+        )
+    as_float = float(value)
+    if not math.isfinite(as_float) or as_float <= 0:
+        hint = "; use None to turn clipping off" if allow_none else ""
+        raise ConfigError(f"{name} must be a finite number > 0, got {as_float}{hint}.")
+    return as_float

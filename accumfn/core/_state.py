@@ -1,0 +1,151 @@
+"""The frozen records of the core: configuration, state, and the plan of a micro-step."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+
+from ..errors import ConfigError
+from ._checks import check_count, check_positive_float
+from ._schedule import Schedule, schedule_from
+
+__all__ = ["AccumConfig", "AccumState", "MicroPlan", "Normalization"]
+
+
+class Normalization(enum.Enum):
+    """How the gradients of a window are normalized."""
+
+    MEAN = "mean"
+    """Each loss is a mean; the update is the mean over the window's micro-batches."""
+    ITEMS = "items"
+    """Each loss is a sum over ``num_items`` items; the update is the mean over all items."""
+
+
+def _max_grad_norm(value: object) -> float | None:
+    return check_positive_float("max_grad_norm", value, allow_none=True)
+
+
+def _batch_size(value: object) -> int:
+    return check_count("batch_size", value)
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
+def _skip_nonfinite(value: object) -> bool:
+    return _flag("skip_nonfinite", value)
+
+
+def _sync_every_micro_step(value: object) -> bool:
+    return _flag("sync_every_micro_step", value)
+
+
+@attrs.frozen
+class AccumConfig:
+    """What the user asked for. Plain values only, except a callable schedule."""
+
+    schedule: Schedule = attrs.field(converter=schedule_from)
+    max_grad_norm: float | None = attrs.field(default=None, converter=_max_grad_norm)
+    batch_size: int = attrs.field(default=1, converter=_batch_size)
+    skip_nonfinite: bool = attrs.field(default=False, converter=_skip_nonfinite)
+    sync_every_micro_step: bool = attrs.field(default=False, converter=_sync_every_micro_step)
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"AccumState.{attribute.name} must be an int >= 0, got {value!r}.")
+
+
+@attrs.frozen
+class AccumState:
+    """Everything needed to decide the next micro-step, and to resume at any micro-step.
+
+    Immutable: the step functions return a new state. ``to_dict``/``from_dict`` give a
+    plain, JSON-able dict.
+    """
+
+    config: AccumConfig
+    window: int = attrs.field(validator=_non_negative)
+    """Size of the open window (micro-batches), fixed when the window opened."""
+    micro_step: int = attrs.field(default=0, validator=_non_negative)
+    """Micro-batches accumulated in the open (or just closed) window."""
+    window_norm: Normalization | None = None
+    """Normalization of the open window; None while it is empty."""
+    window_items: int = attrs.field(default=0, validator=_non_negative)
+    """Items (``num_items``) this process accumulated in the open window."""
+    closed: bool = False
+    """True between the boundary micro-step and ``apply_step``."""
+    grad_scale: float = 1.0
+    """Factor ``apply_step`` multiplies the closed window's gradients by."""
+    epoch: int = attrs.field(default=0, validator=_non_negative)
+    total_micro_steps: int = attrs.field(default=0, validator=_non_negative)
+    optimizer_steps: int = attrs.field(default=0, validator=_non_negative)
+    """Windows whose update was applied."""
+    skipped_steps: int = attrs.field(default=0, validator=_non_negative)
+    """Windows whose update was skipped (non-finite gradients)."""
+    dropped_micro_steps: int = attrs.field(default=0, validator=_non_negative)
+    """Micro-batches discarded by ``reset_epoch`` with a window open."""
+    last_grad_norm: float | None = None
+    """Pre-clip gradient norm of the last closed window, when it was read."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.window < 1:
+            raise ConfigError(f"AccumState.window must be >= 1, got {self.window}.")
+        if self.micro_step > self.window:
+            raise ConfigError(
+                f"AccumState.micro_step ({self.micro_step}) exceeds the window ({self.window})."
+            )
+        if self.closed and self.micro_step == 0:
+            raise ConfigError("AccumState is closed but its window holds no micro-step.")
+        if (self.window_norm is None) != (self.micro_step == 0):
+            raise ConfigError(
+                "AccumState.window_norm must be set exactly when the window holds micro-steps."
+            )
+
+    @property
+    def effective_step(self) -> int:
+        """Windows closed and stepped (applied or skipped): the step loggers should see."""
+        return self.optimizer_steps + self.skipped_steps
+
+    @property
+    def is_accumulating(self) -> bool:
+        """True while a window holds gradients that have not been applied yet."""
+        return self.micro_step > 0
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Micro-batch size times the current window, per process."""
+        return self.config.batch_size * self.window
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-able dict (loadable with ``torch.load(weights_only=True)``)."""
+        from ._serialize import state_to_dict
+
+        return state_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: object, *, schedule: object = None) -> AccumState:
+        """Rebuild a state from ``to_dict`` output; strict about keys, types and format.
+
+        ``schedule`` must be given again when the state was saved with a callable schedule.
+        """
+        from ._serialize import state_from_dict
+
+        return state_from_dict(data, schedule=schedule)
+
+
+@attrs.frozen
+class MicroPlan:
+    """What the shell must do for one micro-step, decided by the core."""
+
+    loss_divisor: int
+    """Divide the loss by this before backward (the window size in mean mode, else 1)."""
+    boundary: bool
+    """This micro-step closes the window."""
+    reduce_grads: bool
+    """Gradients should be reduced across processes in this backward."""

@@ -1,0 +1,170 @@
+"""Every decision of accumulation: when a window closes, how to scale, what counts.
+
+All transitions are pure functions of frozen records; the shell carries out their plans.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import attrs
+
+from ..errors import CallOrderError, ConfigError
+from ._checks import check_count
+from ._schedule import StepsSpec
+from ._state import AccumConfig, AccumState, MicroPlan, Normalization
+
+__all__ = [
+    "close_window",
+    "finish_step",
+    "init",
+    "micro_step",
+    "start_epoch",
+    "sync_next_forward",
+]
+
+
+def init(
+    steps: StepsSpec = 1,
+    *,
+    max_grad_norm: float | None = None,
+    batch_size: int = 1,
+    skip_nonfinite: bool = False,
+    sync_every_micro_step: bool = False,
+) -> AccumState:
+    """A fresh state: epoch 0, no micro-step taken, first window sized by the schedule."""
+    config = AccumConfig(
+        schedule=steps,
+        max_grad_norm=max_grad_norm,
+        batch_size=batch_size,
+        skip_nonfinite=skip_nonfinite,
+        sync_every_micro_step=sync_every_micro_step,
+    )
+    return AccumState(config=config, window=config.schedule.window(0, 0))
+
+
+def _items(num_items: object) -> int | None:
+    if num_items is None:
+        return None
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
+        raise ConfigError(
+            f"num_items must be a Python int >= 1 (the number of items the loss sums over), "
+            f"got {num_items!r} of type {type(num_items).__name__}; count the items on the host "
+            f"(e.g. int((labels != -100).sum()) before moving labels to the device)."
+        )
+    return check_count("num_items", num_items)
+
+
+def micro_step(
+    state: AccumState, *, is_final_batch: bool = False, num_items: object = None
+) -> tuple[AccumState, MicroPlan]:
+    """Account one micro-batch; return the new state and what the shell must do for it."""
+    if state.closed:
+        raise CallOrderError(
+            "the window is closed: call apply_step(state, optimizer, model, ...) before "
+            "accumulating the next micro-batch."
+        )
+    if not isinstance(is_final_batch, bool):
+        raise ConfigError(f"is_final_batch must be True or False, got {is_final_batch!r}.")
+    items = _items(num_items)
+    norm = Normalization.MEAN if items is None else Normalization.ITEMS
+    if state.window_norm is not None and norm is not state.window_norm:
+        given = "without num_items" if items is None else f"with num_items={items}"
+        raise ConfigError(
+            f"this window was opened in {state.window_norm.value} mode but this micro-batch came "
+            f"{given}; pass num_items on every micro-batch of a window, or on none."
+        )
+    taken = state.micro_step + 1
+    boundary = is_final_batch or taken >= state.window
+    new_state = attrs.evolve(
+        state,
+        micro_step=taken,
+        window_norm=norm,
+        window_items=state.window_items + (items or 0),
+        total_micro_steps=state.total_micro_steps + 1,
+    )
+    plan = MicroPlan(
+        loss_divisor=state.window if norm is Normalization.MEAN else 1,
+        boundary=boundary,
+        reduce_grads=boundary or state.config.sync_every_micro_step,
+    )
+    return new_state, plan
+
+
+def close_window(
+    state: AccumState, *, global_items: int | None = None, averaged_over: int = 1
+) -> AccumState:
+    """Close the window after its boundary backward and fix the gradient rescale factor.
+
+    Mean mode: the losses were divided by the window N, so a short window of k micro-steps
+    is rescaled by N/k. Item mode: gradients hold the sum over items (averaged over
+    ``averaged_over`` processes by DDP/FSDP), so they are rescaled by
+    ``averaged_over / global_items``, ``global_items`` being the window's count on all ranks.
+    """
+    if state.closed or state.micro_step == 0:
+        raise CallOrderError("close_window needs an open window with at least one micro-step.")
+    averaged_over = check_count("averaged_over", averaged_over)
+    if state.window_norm is Normalization.ITEMS:
+        total = state.window_items if global_items is None else global_items
+        total = check_count("the window's total num_items", total)
+        scale = averaged_over / total
+    else:
+        scale = state.window / state.micro_step
+    return attrs.evolve(state, closed=True, grad_scale=scale)
+
+
+def finish_step(state: AccumState, *, applied: bool, grad_norm: float | None = None) -> AccumState:
+    """Count the closed window as applied or skipped and open the next window."""
+    if not state.closed:
+        raise CallOrderError(
+            "apply_step needs a closed window: call it only when accumulate(...) returned "
+            "stepped=True."
+        )
+    opened = attrs.evolve(
+        state,
+        micro_step=0,
+        window_norm=None,
+        window_items=0,
+        closed=False,
+        grad_scale=1.0,
+        optimizer_steps=state.optimizer_steps + int(applied),
+        skipped_steps=state.skipped_steps + int(not applied),
+        last_grad_norm=grad_norm,
+    )
+    return _reopen(opened)
+
+
+def _reopen(state: AccumState) -> AccumState:
+    window = state.config.schedule.window(state.epoch, state.effective_step)
+    return state if window == state.window else attrs.evolve(state, window=window)
+
+
+def start_epoch(state: AccumState) -> tuple[AccumState, int]:
+    """Begin the next epoch; an open window is discarded. Returns (state, micro-steps dropped).
+
+    The shell must zero the gradients when the count is not 0.
+    """
+    if state.closed:
+        raise CallOrderError(
+            "the window is closed: call apply_step(...) before starting a new epoch."
+        )
+    dropped = state.micro_step
+    fresh = attrs.evolve(
+        state,
+        epoch=state.epoch + 1,
+        micro_step=0,
+        window_norm=None,
+        window_items=0,
+        dropped_micro_steps=state.dropped_micro_steps + dropped,
+    )
+    return _reopen(fresh), dropped
+
+
+def sync_next_forward(state: AccumState) -> bool:
+    """Whether the next micro-step's backward will reduce gradients (DDP decides at forward).
+
+    True when the next micro-batch fills the window, or with ``sync_every_micro_step``.
+    """
+    if state.config.sync_every_micro_step or state.closed:
+        return True
+    return state.micro_step + 1 >= state.window
