@@ -1,0 +1,151 @@
+"""Stateful property test: the pure core against a tiny model of the rules."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from accumfn import core
+from accumfn.errors import CallOrderError, ConfigError
+
+TABLE = st.lists(st.integers(1, 6), min_size=1, max_size=6)
+
+
+class CoreMachine(RuleBasedStateMachine):
+    """Model: window sizes come from the schedule when a window opens; counters add up."""
+
+    @initialize(
+        kind=st.sampled_from(["constant", "epochs", "callable"]),
+        sizes=TABLE,
+        every=st.booleans(),
+    )
+    def start(self, kind: str, sizes: list[int], every: bool) -> None:
+        self.sizes = sizes
+        self.fn = None
+        if kind == "constant":
+            spec: object = sizes[0]
+        elif kind == "epochs":
+            spec = {2 * i: size for i, size in enumerate(sizes)}
+        else:
+            self.fn = self._by_step
+            spec = self.fn
+        self.kind = kind
+        self.every = every
+        self.state = core.init(spec, sync_every_micro_step=every)  # type: ignore[arg-type]
+        self.epoch = 0
+        self.micro = 0
+        self.total = 0
+        self.applied = 0
+        self.skipped = 0
+        self.dropped = 0
+        self.items = 0
+        self.mode: str | None = None
+        self.closed = False
+        self.window = self._expected_window()
+
+    def _by_step(self, step: int) -> int:
+        return self.sizes[step % len(self.sizes)]
+
+    def _expected_window(self) -> int:
+        if self.kind == "constant":
+            return self.sizes[0]
+        if self.kind == "epochs":
+            return self.sizes[min(self.epoch // 2, len(self.sizes) - 1)]
+        return self._by_step(self.applied + self.skipped)
+
+    @rule(final=st.booleans(), items=st.one_of(st.none(), st.integers(1, 50)))
+    def micro_step(self, final: bool, items: int | None) -> None:
+        mode = "mean" if items is None else "items"
+        before = self.state
+        if self.closed:
+            try:
+                core.micro_step(self.state, is_final_batch=final, num_items=items)
+            except CallOrderError:
+                assert self.state == before
+                return
+            raise AssertionError("micro_step on a closed window must raise")
+        if self.mode is not None and mode != self.mode:
+            try:
+                core.micro_step(self.state, is_final_batch=final, num_items=items)
+            except ConfigError:
+                assert self.state == before
+                return
+            raise AssertionError("mixing modes in a window must raise")
+        synced_forward = core.sync_next_forward(self.state)
+        self.state, plan = core.micro_step(self.state, is_final_batch=final, num_items=items)
+        self.micro += 1
+        self.total += 1
+        self.items += items or 0
+        self.mode = mode
+        boundary = final or self.micro == self.window
+        assert plan.boundary == boundary
+        assert plan.reduce_grads == (boundary or self.every)
+        assert synced_forward == (self.every or self.micro == self.window)
+        assert plan.loss_divisor == (self.window if mode == "mean" else 1)
+        if boundary:
+            self.state = core.close_window(self.state)
+            expected = self.window / self.micro if mode == "mean" else 1 / self.items
+            assert self.state.grad_scale == expected
+            self.closed = True
+
+    @rule(applied=st.booleans())
+    def apply(self, applied: bool) -> None:
+        if not self.closed:
+            try:
+                core.finish_step(self.state, applied=applied)
+            except CallOrderError:
+                return
+            raise AssertionError("finish_step without a closed window must raise")
+        self.state = core.finish_step(self.state, applied=applied)
+        self.applied += applied
+        self.skipped += not applied
+        self.micro = self.items = 0
+        self.mode = None
+        self.closed = False
+        self.window = self._expected_window()
+
+    @rule()
+    def new_epoch(self) -> None:
+        if self.closed:
+            try:
+                core.start_epoch(self.state)
+            except CallOrderError:
+                return
+            raise AssertionError("start_epoch on a closed window must raise")
+        self.state, dropped = core.start_epoch(self.state)
+        assert dropped == self.micro
+        self.dropped += dropped
+        self.epoch += 1
+        self.micro = self.items = 0
+        self.mode = None
+        self.window = self._expected_window()
+
+    @invariant()
+    def counters_match_the_model(self) -> None:
+        s = self.state
+        assert (s.window, s.micro_step, s.epoch, s.closed) == (
+            self.window,
+            self.micro,
+            self.epoch,
+            self.closed,
+        )
+        assert (s.total_micro_steps, s.optimizer_steps, s.skipped_steps) == (
+            self.total,
+            self.applied,
+            self.skipped,
+        )
+        assert s.effective_step == self.applied + self.skipped
+        assert s.dropped_micro_steps == self.dropped and s.window_items == self.items
+        assert s.is_accumulating == (self.micro > 0)
+
+    @invariant()
+    def round_trip_gives_an_identical_state(self) -> None:
+        data = json.loads(json.dumps(self.state.to_dict()))
+        assert core.AccumState.from_dict(data, schedule=self.fn) == self.state
+
+
+CoreMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+TestCoreMachine = CoreMachine.TestCase
