@@ -6,12 +6,12 @@ from typing import Any
 
 import pytest
 
-FIGURES: dict[str, dict[str, float]] = {}
+FIGURES: dict[str, dict[str, Any]] = {}
 
 
-def record(name: str, diff: float) -> None:
-    """Count one example of property ``name`` and keep the largest difference seen."""
-    entry = FIGURES.setdefault(name, {"examples": 0, "max_abs_diff": 0.0})
+def record(name: str, diff: float, quantity: str = "param") -> None:
+    """Count one example of property ``name`` and keep the largest ``quantity`` difference."""
+    entry = FIGURES.setdefault(name, {"examples": 0, "max_abs_diff": 0.0, "quantity": quantity})
     entry["examples"] += 1
     entry["max_abs_diff"] = max(entry["max_abs_diff"], diff)
 
@@ -23,10 +23,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for name, entry in sorted(FIGURES.items()):
         terminalreporter.write_line(
             f"{name}: {int(entry['examples'])} examples, "
-            f"largest |param - large-batch param| = {entry['max_abs_diff']:.3g}"
+            f"largest |{entry['quantity']} - large-batch {entry['quantity']}| = "
+            f"{entry['max_abs_diff']:.3g}"
         )
 
 
 @pytest.fixture
-def figures() -> dict[str, dict[str, float]]:
+def figures() -> dict[str, dict[str, Any]]:
     return FIGURES

@@ -1,4 +1,12 @@
-"""Property: accumulated training equals large-batch training, step for step."""
+"""Property: accumulated training equals large-batch training, window for window.
+
+Each window is trained both ways in lockstep and the gradient the optimizer is handed is
+compared. With SGD the parameters are also compared end to end. Adam's update
+``m / (sqrt(v) + eps)`` is ill-conditioned for gradient entries near zero (an fp32
+rounding difference of 1e-9 there moves the weight by up to ``lr``), so for Adam and
+AdamW the large-batch twin restarts each window from the accumulated run's weights and
+the check is on the applied gradient, which is what accumulation is responsible for.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import accumfn
-from tests.support import large_batch_run, max_param_diff, mse
+from tests.support import max_param_diff, mse
 
 from .conftest import record
 
@@ -47,38 +55,80 @@ def build(seed: int, widths: list[int]) -> nn.Module:
     return nn.Sequential(*layers[:-1])
 
 
+def grads(model: nn.Module) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+class Driver:
+    """Feeds micro-batches through the functional API or GradientAccumulator."""
+
+    def __init__(self, setup: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer):
+        self.model, self.opt, self.api = model, opt, setup["api"]
+        self.state = accumfn.init(steps=setup["steps"], max_grad_norm=setup["max_grad_norm"])
+        self.acc = accumfn.GradientAccumulator(
+            opt, setup["steps"], max_grad_norm=setup["max_grad_norm"]
+        )
+
+    def micro_step(self, x: torch.Tensor, y: torch.Tensor, final: bool) -> bool:
+        loss = mse(self.model, x, y)
+        if self.api == "object":
+            return self.acc.accumulate(loss, self.model, is_final_batch=final)
+        self.state, stepped = accumfn.accumulate(self.state, loss, self.model, is_final_batch=final)
+        if stepped:
+            self.state = accumfn.apply_step(self.state, self.opt, self.model)
+        return stepped
+
+    @property
+    def effective_step(self) -> int:
+        return self.acc.effective_step if self.api == "object" else self.state.effective_step
+
+
 @settings(max_examples=300, deadline=None)
 @given(setups())
 def test_accumulated_equals_large_batch(setup: dict[str, Any]) -> None:
-    model = build(setup["seed"], setup["widths"])
-    ref = build(setup["seed"], setup["widths"])
+    model, ref = build(setup["seed"], setup["widths"]), build(setup["seed"], setup["widths"])
     steps, micro, n_micro = setup["steps"], setup["micro"], setup["n_micro"]
+    forced = setup["optimizer"] != "sgd"
     g = torch.Generator().manual_seed(setup["seed"])
     x = torch.randn(micro * n_micro, 4, generator=g)
     y = torch.randn(micro * n_micro, 2, generator=g)
     opt = OPTIMIZERS[setup["optimizer"]](model.parameters())
-    micro_batches = list(zip(x.split(micro), y.split(micro), strict=True))
-    if setup["api"] == "functional":
-        state = accumfn.init(steps=steps, max_grad_norm=setup["max_grad_norm"])
-        for i, (xb, yb) in enumerate(micro_batches):
-            final = i == n_micro - 1
-            state, stepped = accumfn.accumulate(
-                state, mse(model, xb, yb), model, is_final_batch=final
-            )
-            if stepped:
-                state = accumfn.apply_step(state, opt, model)
-        closed = state.effective_step
-    else:
-        acc = accumfn.GradientAccumulator(opt, steps, max_grad_norm=setup["max_grad_norm"])
-        for i, (xb, yb) in enumerate(micro_batches):
-            acc.accumulate(mse(model, xb, yb), model, is_final_batch=i == n_micro - 1)
-        closed = acc.effective_step
+    ref_opt = OPTIMIZERS[setup["optimizer"]](ref.parameters())
+    applied: list[list[torch.Tensor]] = []
+    opt.register_step_pre_hook(lambda *_: applied.append(grads(model)))
+    driver = Driver(setup, model, opt)
     window = micro * steps
-    windows = [(x[s : s + window], y[s : s + window]) for s in range(0, len(x), window)]
-    assert closed == len(windows)
-    large_batch_run(
-        ref, OPTIMIZERS[setup["optimizer"]](ref.parameters()), windows, setup["max_grad_norm"]
-    )
-    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    record("mean-mode equivalence", max_param_diff(model, ref))
+    worst = 0.0
+    for w, start in enumerate(range(0, len(x), window)):
+        if forced:
+            ref.load_state_dict(model.state_dict())
+        ref_opt.zero_grad(set_to_none=True)
+        mse(ref, x[start : start + window], y[start : start + window]).backward()
+        if setup["max_grad_norm"] is not None:
+            nn.utils.clip_grad_norm_(ref.parameters(), setup["max_grad_norm"])
+        expected = grads(ref)
+        ref_opt.step()
+        stepped = [
+            driver.micro_step(xb, yb, final=s + micro >= len(x))
+            for s, xb, yb in zip(
+                range(start, min(start + window, len(x)), micro),
+                x[start : start + window].split(micro),
+                y[start : start + window].split(micro),
+                strict=True,
+            )
+        ]
+        assert stepped[-1] and not any(stepped[:-1])
+        assert len(applied) == w + 1 == driver.effective_step
+        for got, want in zip(applied[-1], expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        worst = max(
+            [
+                worst,
+                *(float((a - b).abs().max()) for a, b in zip(applied[-1], expected, strict=True)),
+            ]
+        )
+    record("mean-mode applied gradient, every window", worst, quantity="grad")
+    if not forced:
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        record("mean-mode equivalence, SGD end to end", max_param_diff(model, ref))

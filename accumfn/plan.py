@@ -1,0 +1,79 @@
+"""Choose a window size: physical batch x devices x window = effective batch."""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from .core._checks import check_count
+
+__all__ = ["WindowPlan", "format_plan", "plan_window"]
+
+
+@attrs.frozen
+class WindowPlan:
+    """The window that reaches ``target`` from ``batch_size`` per device on ``devices``."""
+
+    batch_size: int
+    devices: int
+    target: int
+    window: int
+    """Micro-batches accumulated per optimizer step on each device."""
+
+    @property
+    def per_step_all_devices(self) -> int:
+        """Samples processed by all devices in one micro-step."""
+        return self.batch_size * self.devices
+
+    @property
+    def effective_batch(self) -> int:
+        """Samples behind one optimizer step, all devices together."""
+        return self.batch_size * self.devices * self.window
+
+    @property
+    def per_device_effective_batch(self) -> int:
+        """What ``GradientAccumulator.effective_batch_size`` reports on each device."""
+        return self.batch_size * self.window
+
+    @property
+    def exact(self) -> bool:
+        return self.effective_batch == self.target
+
+
+def plan_window(batch_size: int, target: int, devices: int = 1) -> WindowPlan:
+    """The smallest window whose effective batch is at least ``target``."""
+    batch_size = check_count("batch_size", batch_size)
+    target = check_count("target", target)
+    devices = check_count("devices", devices)
+    window = max(1, math.ceil(target / (batch_size * devices)))
+    return WindowPlan(batch_size=batch_size, devices=devices, target=target, window=window)
+
+
+def format_plan(plan: WindowPlan) -> str:
+    """The plan as the table users read, with a note when the target is not reachable."""
+    rows = [
+        ("physical batch per device", plan.batch_size),
+        ("devices", plan.devices),
+        ("accumulation steps (window)", plan.window),
+        ("effective batch per device", plan.per_device_effective_batch),
+        ("effective batch (all devices)", plan.effective_batch),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines.append("")
+    lines.append(
+        f"GradientAccumulator(optimizer, accumulation_steps={plan.window}, "
+        f"batch_size={plan.batch_size})   # or accumfn.init(steps={plan.window}, "
+        f"batch_size={plan.batch_size})"
+    )
+    if not plan.exact:
+        below = plan.window - 1
+        lower = plan.batch_size * plan.devices * below
+        alternative = f"; window {below} gives {lower}" if below >= 1 else ""
+        lines.append(
+            f"note: target {plan.target} is not a multiple of {plan.per_step_all_devices} "
+            f"(batch x devices); window {plan.window} gives {plan.effective_batch}{alternative}. "
+            f"Change the batch size or the number of devices to hit it exactly."
+        )
+    return "\n".join(lines)
