@@ -65,7 +65,10 @@ def micro_step(
             "accumulating the next micro-batch."
         )
     if not isinstance(is_final_batch, bool):
-        raise ConfigError(f"is_final_batch must be True or False, got {is_final_batch!r}.")
+        raise ConfigError(
+            f"is_final_batch must be True or False, got {is_final_batch!r}; pass e.g. "
+            f"is_final_batch=(batch_idx == len(dataloader) - 1)."
+        )
     items = _items(num_items)
     norm = Normalization.MEAN if items is None else Normalization.ITEMS
     if state.window_norm is not None and norm is not state.window_norm:
