@@ -22,7 +22,7 @@ def import_wandb() -> Any:
     except ImportError as exc:
         raise MissingDependencyError(
             "W&B logging needs the wandb package, which is not installed: run "
-            "`pip install accumfn[wandb]` (or `pip install wandb`), or pass use_wandb=False "
+            "pip install 'accumfn[wandb]' (or pip install wandb), or pass use_wandb=False "
             "to log to a JSONL file instead."
         ) from exc
 
