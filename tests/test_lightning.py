@@ -25,7 +25,7 @@ from accumfn.lightning_callback import ExactAccumulation  # noqa: E402
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers"),
     pytest.mark.filterwarnings("ignore:.*is smaller than the logging interval"),
-    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec"),
 ]
 
 MICRO, N_MICRO, WINDOW, EPOCHS, LR, CLIP = 4, 10, 4, 3, 0.2, 0.5
