@@ -147,6 +147,26 @@ def test_callback_makes_the_short_final_window_a_mean() -> None:
     assert max_param_diff(plain.net, ref) > 1e-4  # Lightning alone underweights the short window
 
 
+def test_callback_follows_lightnings_accumulation_scheduler() -> None:
+    x, y = data(6, MICRO * N_MICRO)
+    net = mlp(6)
+    ref = twin(net)
+    optimizer = torch.optim.SGD(ref.parameters(), lr=LR)
+    for window in (4, 3, 3):  # {0: 4, 1: 3}: 4 | 4 | 2, then 3 | 3 | 3 | 1
+        per_window = MICRO * window
+        windows = [
+            (x[s : s + per_window], y[s : s + per_window]) for s in range(0, len(x), per_window)
+        ]
+        large_batch_run(ref, optimizer, windows, None)
+    callback = ExactAccumulation()
+    scheduler = pl.callbacks.GradientAccumulationScheduler({0: 4, 1: 3})
+    module = Regression(twin(net), _no_hook)
+    trainer = make_trainer(1, [scheduler, callback])
+    trainer.fit(module, loader(x, y))
+    assert trainer.global_step == 3 + 4 + 4
+    assert max_param_diff(module.net, ref) < 1e-6
+
+
 class MaskedRegression(pl.LightningModule):
     """Item mode: the loss sums over the valid entries; their count goes to the callback."""
 
