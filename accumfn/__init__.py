@@ -17,6 +17,14 @@ from .errors import (
     StateFormatError,
 )
 from .lightning import AccumulationConflictError
+from .metrics import (
+    CallableSink,
+    JsonlSink,
+    MetricsStepError,
+    MetricsTracker,
+    MissingDependencyError,
+    WandbSink,
+)
 
 __version__ = "0.1.0"
 
@@ -29,14 +37,20 @@ __all__ = [
     "ByEpoch",
     "ByStep",
     "CallOrderError",
+    "CallableSink",
     "CheckpointError",
     "ConfigError",
     "Constant",
     "GradientAccumulator",
+    "JsonlSink",
     "LossError",
+    "MetricsStepError",
+    "MetricsTracker",
+    "MissingDependencyError",
     "Normalization",
     "StateFormatError",
     "StepReport",
+    "WandbSink",
     "__version__",
     "accumulate",
     "apply_step",

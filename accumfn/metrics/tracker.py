@@ -1,0 +1,218 @@
+"""``MetricsTracker``: merges what is logged within one effective step into one row."""
+
+from __future__ import annotations
+
+import atexit
+import numbers
+import os
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal
+
+import torch
+
+from ..core._checks import check_count
+from ..errors import AccumError, CallOrderError, ConfigError
+from ._values import Reduce, ScalarBuffer, Value, check_reduce, check_value, materialize
+from .sinks import JsonlSink, Sink
+from .wandb_sink import WandbSink
+
+__all__ = ["MetricsStepError", "MetricsTracker"]
+
+DEFAULT_JSONL = "metrics.jsonl"
+
+
+class MetricsStepError(AccumError, ValueError):
+    """A metric was logged at a step that has already been written."""
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or int(step) < 0:
+        raise ConfigError(
+            f"step must be an int >= 0 (use accumulator.effective_step), got {step!r}."
+        )
+    return int(step)
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a metric name must be a non-empty str, got {name!r}.")
+    if name.startswith("_"):
+        raise ConfigError(
+            f"metric name {name!r} starts with '_', which W&B reserves (_step, _runtime); "
+            f"rename it."
+        )
+    return name
+
+
+class MetricsTracker:
+    """Log scalars keyed by effective (optimizer) step; each step is written once.
+
+    Everything logged at one step is merged into one row, committed to every sink when a
+    larger step is logged, on ``flush()`` and on ``close()`` (also at interpreter exit).
+    A metric logged several times in one step (a per-micro-batch loss) is reduced with
+    ``reduce`` (``"mean"``, ``"sum"`` or ``"last"``; per name with ``reduce_by_name``).
+    Tensor values stay on their device until the row is committed.
+
+    Steps written strictly increase. Logging at a step already written raises
+    ``MetricsStepError``; with ``on_stale_step="warn"`` the value is dropped with a warning.
+
+    Sinks: ``sinks`` if given, else a ``JsonlSink(jsonl_path)`` unless ``use_wandb``;
+    ``use_wandb=True`` adds a ``WandbSink(**wandb_init)`` (the active W&B run if there is one
+    and ``wandb_init`` is empty). ``gradient_accumulation_steps`` is recorded in the config
+    of a W&B run the tracker starts; rows follow the step you pass, so short final
+    windows and accumulation schedules commit correctly.
+    """
+
+    def __init__(
+        self,
+        use_wandb: bool = False,
+        gradient_accumulation_steps: int = 1,
+        sinks: Iterable[Sink] | None = None,
+        *,
+        reduce: Reduce = "mean",
+        reduce_by_name: Mapping[str, Reduce] | None = None,
+        on_stale_step: Literal["raise", "warn"] = "raise",
+        jsonl_path: str | os.PathLike[str] = DEFAULT_JSONL,
+        wandb_init: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(use_wandb, bool):
+            raise ConfigError(f"use_wandb must be True or False, got {use_wandb!r}.")
+        self.gradient_accumulation_steps = check_count(
+            "gradient_accumulation_steps", gradient_accumulation_steps
+        )
+        self.reduce = check_reduce("reduce", reduce)
+        self.reduce_by_name = {
+            _check_name(name): check_reduce(f"reduce_by_name[{name!r}]", how)
+            for name, how in (reduce_by_name or {}).items()
+        }
+        if on_stale_step not in ("raise", "warn"):
+            raise ConfigError(f"on_stale_step must be 'raise' or 'warn', got {on_stale_step!r}.")
+        self.on_stale_step = on_stale_step
+        chosen = list(sinks) if sinks is not None else []
+        for sink in chosen:
+            if not isinstance(sink, Sink):
+                raise ConfigError(
+                    f"sink {sink!r} lacks write(step, metrics)/flush()/close(); use "
+                    f"CallableSink(fn) to wrap a function."
+                )
+        if use_wandb:
+            wandb_sink = WandbSink(**(wandb_init or {}))
+            if wandb_sink.owns_run:
+                wandb_sink.run.config.update(
+                    {"gradient_accumulation_steps": self.gradient_accumulation_steps}
+                )
+            chosen.append(wandb_sink)
+        elif sinks is None:
+            chosen.append(JsonlSink(jsonl_path))
+        self.sinks: tuple[Sink, ...] = tuple(chosen)
+        self._step: int | None = None
+        self._last_written: int | None = None
+        self._row: dict[str, ScalarBuffer] = {}
+        self._closed = False
+        self._at_exit = _close_at_exit(weakref.ref(self))
+        atexit.register(self._at_exit)
+
+    # -- logging ------------------------------------------------------------------------------
+    def log_scalar(self, name: str, value: Value, step: int) -> None:
+        """Add ``value`` to metric ``name`` at effective step ``step``."""
+        checked_name, checked_step = _check_name(name), _check_step(step)
+        self._log(checked_name, check_value(checked_name, value), checked_step)
+
+    def log(self, metrics: Mapping[str, Value], step: int) -> None:
+        """``log_scalar`` for each item of ``metrics``; all checked before any is added."""
+        at = _check_step(step)
+        checked = [(_check_name(name), value) for name, value in metrics.items()]
+        values = [(name, check_value(name, value)) for name, value in checked]
+        for name, value in values:
+            self._log(name, value, at)
+
+    def _log(self, name: str, value: float | torch.Tensor, step: int) -> None:
+        if self._closed:
+            raise CallOrderError("this MetricsTracker is closed; make a new one to log more.")
+        if self._step is None or step > self._step:
+            if self._last_written is not None and step <= self._last_written:
+                self._stale(name, step)
+                return
+            self._commit()
+            self._step = step
+        elif step < self._step:
+            self._stale(name, step)
+            return
+        buffer = self._row.get(name)
+        if buffer is None:
+            buffer = self._row[name] = ScalarBuffer(self.reduce_by_name.get(name, self.reduce))
+        buffer.add(value)
+
+    def _stale(self, name: str, step: int) -> None:
+        latest = self._step if self._step is not None else self._last_written
+        message = (
+            f"metric {name!r} logged at step {step}, but step {latest} was already logged "
+            f"and steps must strictly increase; log at accumulator.effective_step and do not "
+            f"log at a step after flush() has written it."
+        )
+        if self.on_stale_step == "raise":
+            raise MetricsStepError(message)
+        warnings.warn(message + " The value was dropped.", stacklevel=4)
+
+    # -- committing ---------------------------------------------------------------------------
+    def _commit(self) -> None:
+        if self._step is None or not self._row:
+            return
+        step, row = self._step, self._row
+        self._row = {}
+        self._step = None
+        self._last_written = step
+        values = materialize({name: buffer.result() for name, buffer in row.items()})
+        for sink in self.sinks:
+            sink.write(step, values)
+
+    @property
+    def step(self) -> int | None:
+        """The step open for logging (None when nothing is pending)."""
+        return self._step
+
+    @property
+    def last_written_step(self) -> int | None:
+        """The last step committed to the sinks."""
+        return self._last_written
+
+    def flush(self) -> None:
+        """Commit the open step now and flush the sinks."""
+        self._commit()
+        for sink in self.sinks:
+            sink.flush()
+
+    def close(self) -> None:
+        """Flush, then close every sink (finishes a W&B run this tracker started). Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            atexit.unregister(self._at_exit)
+            for sink in self.sinks:
+                sink.close()
+
+    def __enter__(self) -> MetricsTracker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _close_at_exit(ref: weakref.ref[MetricsTracker]) -> Callable[[], None]:
+    def close() -> None:
+        tracker = ref()
+        if tracker is not None:
+            tracker.close()
+
+    return close

@@ -1,0 +1,60 @@
+"""The Weights & Biases sink; ``wandb`` is imported only when one is made."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from ..errors import AccumError
+
+__all__ = ["MissingDependencyError", "WandbSink", "import_wandb"]
+
+
+class MissingDependencyError(AccumError, ImportError):
+    """An optional dependency a feature needs is not installed."""
+
+
+def import_wandb() -> Any:
+    """Import ``wandb`` or say how to install it."""
+    try:
+        return importlib.import_module("wandb")
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "W&B logging needs the wandb package, which is not installed: run "
+            "pip install 'accumfn[wandb]' (or pip install wandb), or pass use_wandb=False "
+            "to log to a JSONL file instead."
+        ) from exc
+
+
+class WandbSink:
+    """Writes each committed row with ``run.log(metrics, step=step, commit=True)``.
+
+    Uses ``run`` if given; with no arguments, the active ``wandb.run`` if there is one;
+    otherwise starts a run with ``wandb.init(**init_kwargs)`` and finishes it on
+    ``close()``. Set ``WANDB_MODE=offline`` to log without a network.
+    """
+
+    def __init__(self, run: Any = None, **init_kwargs: Any) -> None:
+        wandb = import_wandb()
+        if run is not None and init_kwargs:
+            raise TypeError("pass either run= or wandb.init arguments, not both.")
+        self.owns_run = False
+        self._finished = False
+        if run is None and not init_kwargs:
+            run = wandb.run
+        if run is None:
+            run = wandb.init(**init_kwargs)
+            self.owns_run = True
+        self.run = run
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        self.run.log(dict(metrics), step=step, commit=True)
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        if self.owns_run and not self._finished:
+            self._finished = True
+            self.run.finish()
