@@ -92,6 +92,7 @@ def namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[
         if isinstance(value, MetricsTracker):
             value.close()
     run.finish()
+    wandb.teardown()  # W&B caches WANDB_DIR process-wide; later tests set their own
 
 
 def run_example(key: str, ns: dict[str, Any]) -> str:
