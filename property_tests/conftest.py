@@ -9,7 +9,7 @@ import pytest
 FIGURES: dict[str, dict[str, Any]] = {}
 
 
-def record(name: str, diff: float, quantity: str = "param") -> None:
+def record(name: str, diff: float, quantity: str = "|param - large-batch param|") -> None:
     """Count one example of property ``name`` and keep the largest ``quantity`` difference."""
     entry = FIGURES.setdefault(name, {"examples": 0, "max_abs_diff": 0.0, "quantity": quantity})
     entry["examples"] += 1
@@ -23,7 +23,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for name, entry in sorted(FIGURES.items()):
         terminalreporter.write_line(
             f"{name}: {int(entry['examples'])} examples, "
-            f"largest |{entry['quantity']} - large-batch {entry['quantity']}| = "
+            f"largest {entry['quantity']} = "
             f"{entry['max_abs_diff']:.3g}"
         )
 

@@ -127,7 +127,7 @@ def test_accumulated_equals_large_batch(setup: dict[str, Any]) -> None:
                 *(float((a - b).abs().max()) for a, b in zip(applied[-1], expected, strict=True)),
             ]
         )
-    record("mean-mode applied gradient, every window", worst, quantity="grad")
+    record("mean-mode applied gradient, every window", worst, quantity="|grad - large-batch grad|")
     if not forced:
         for p, q in zip(model.parameters(), ref.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -131,7 +131,11 @@ def test_windows_follow_the_schedule_and_change_only_at_boundaries(
         for p, q in zip(model.parameters(), resumed_model.parameters(), strict=True)
     )
     assert diff == 0.0
-    record("schedule windows (resumed run == uninterrupted run)", diff, quantity="resumed param")
+    record(
+        "schedule windows (resumed run == uninterrupted run)",
+        diff,
+        quantity="|param - uninterrupted param|",
+    )
 
 
 @settings(max_examples=100, deadline=None)
@@ -152,4 +156,4 @@ def test_state_round_trips_and_a_callable_must_be_passed_again(
         with pytest.raises(StateFormatError, match="only for states saved with a callable"):
             AccumState.from_dict(data, schedule=Piecewise(((0, 2),)))
     assert restored == acc.state
-    record("schedule to_dict/from_dict round trips", 0.0, quantity="restored state")
+    record("schedule to_dict/from_dict round trips", 0.0, quantity="state difference")
