@@ -6,6 +6,7 @@ and the ``GradientAccumulator`` object API built on it.
 
 from .accumulate import accumulate, check_loss, micro_step_context, prepare_forward
 from .accumulator import AccumulationStats, GradientAccumulator
+from .checkpoint import load_checkpoint, save_checkpoint
 from .core import AccumConfig, AccumState, ByEpoch, ByStep, Constant, Normalization, init
 from .effects import StepReport, apply_step, reset_epoch, step_window
 from .errors import (
@@ -56,8 +57,10 @@ __all__ = [
     "apply_step",
     "check_loss",
     "init",
+    "load_checkpoint",
     "micro_step_context",
     "prepare_forward",
     "reset_epoch",
+    "save_checkpoint",
     "step_window",
 ]
