@@ -100,9 +100,7 @@ def resume(parts: dict[str, Any], ckpt: dict[str, Any]) -> None:
     if "acc" in parts:
         parts["acc"].load_state_dict(ckpt["accum"])
     else:
-        parts["state"] = restore(
-            ckpt["accum"], parts["state"], parts["optimizer"], parts["scaler"]
-        )
+        parts["state"] = restore(ckpt["accum"], parts["state"], parts["optimizer"], parts["scaler"])
     torch.set_rng_state(ckpt["rng"])
 
 
