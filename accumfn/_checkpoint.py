@@ -243,6 +243,10 @@ def restore(
     pairs = _check_grads(data["partial_grads"], resumed, optimizer)
     if scaler is not None and scaler_state is not None:
         scaler.load_state_dict(dict(scaler_state))
+        if pairs:
+            # The scale tensor is made lazily by scale(); a window restored closed goes
+            # straight to unscale_, which needs it.
+            scaler.scale(torch.zeros((), device=pairs[0][0].device))
     optimizer.zero_grad(set_to_none=True)
     for param, grad in pairs:
         param.grad = grad.to(device=param.device, copy=True)
