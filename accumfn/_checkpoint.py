@@ -16,7 +16,7 @@ from torch.amp import GradScaler
 
 from ._grads import optimizer_params
 from .core import AccumState, ByStep
-from .errors import CheckpointError, StateFormatError
+from .errors import CheckpointError, ConfigError, StateFormatError
 
 __all__ = ["capture", "restore"]
 
@@ -234,7 +234,7 @@ def restore(
     Load the model and optimizer state dicts too (before or after, in any order).
     """
     if not isinstance(allow_config_change, bool):
-        raise CheckpointError(
+        raise ConfigError(
             f"allow_config_change must be True or False, got {allow_config_change!r}."
         )
     raw, saved = _parse(data, state)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ._checkpoint import capture, restore
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError
 
 __all__ = ["capture", "load_checkpoint", "restore", "save_checkpoint"]
 
@@ -54,8 +54,8 @@ def save_checkpoint(
     renamed over ``path``; the directory is fsynced after. ``before_replace`` is called with
     the temporary file once it is complete and durable, just before the rename (to verify
     it, or to test a crash there). On error the temporary file is removed and ``path`` is
-    untouched. A process killed mid-save may leave a ``.<name>.*.tmp`` file, never a broken
-    ``path``.
+    untouched (an object torch.save cannot pickle gives ``CheckpointError``). A process
+    killed mid-save may leave a ``.<name>.*.tmp`` file, never a broken ``path``.
     """
     target = Path(path)
     directory = target.parent
@@ -67,7 +67,7 @@ def save_checkpoint(
     temp = directory / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         with open(temp, "xb") as file:
-            torch.save(obj, file)
+            _save(obj, file, target)
             file.flush()
             os.fsync(file.fileno())
         if before_replace is not None:
@@ -80,20 +80,35 @@ def save_checkpoint(
     return target
 
 
+def _save(obj: object, file: Any, target: Path) -> None:
+    try:
+        torch.save(obj, file)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise CheckpointError(
+            f"cannot save checkpoint {str(target)!r}: {type(exc).__name__}: {exc}. Save "
+            f"state_dict()s and plain values (tensors, numbers, strings, lists, dicts), not "
+            f"lambdas, local functions, locks or open files; {str(target)!r} was not touched."
+        ) from exc
+
+
 _UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile)
 
 
 def load_checkpoint(path: PathLike, *, map_location: Any = None) -> Any:
     """Load a checkpoint with ``torch.load(weights_only=True)``.
 
-    Raises ``FileNotFoundError`` when there is no file, and ``CheckpointError`` naming the
-    file when it is corrupted, truncated, or holds objects ``weights_only`` refuses.
+    Raises ``CheckpointNotFoundError`` (a ``FileNotFoundError``) when there is no file, and
+    ``CheckpointError`` naming the file when it is corrupted, truncated, or holds objects
+    ``weights_only`` refuses.
     """
     target = Path(path)
     try:
         return torch.load(target, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as exc:
+        raise CheckpointNotFoundError(
+            f"no checkpoint at {str(target)!r}: check the path, or start from scratch when "
+            f"this is the run's first start (test path.exists() before loading)."
+        ) from exc
     except _UNREADABLE as exc:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc):
             raise CheckpointError(
