@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -110,10 +111,11 @@ def load_checkpoint(path: PathLike, *, map_location: Any = None) -> Any:
             f"this is the run's first start (test path.exists() before loading)."
         ) from exc
     except _UNREADABLE as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if refused:
             raise CheckpointError(
                 f"checkpoint {str(target)!r} holds objects that torch.load(weights_only=True) "
-                f"refuses to unpickle ({type(exc).__name__}): save state_dict()s and plain "
+                f"refuses to unpickle ({refused.group(1)}): save state_dict()s and plain "
                 f"values (tensors, numbers, strings, lists, dicts), not modules, optimizers "
                 f"or custom classes. If you trust the file, read it with "
                 f"torch.load(path, weights_only=False) yourself."
