@@ -119,16 +119,18 @@ def _resolve_config(
     diff = _differences(saved_config, current_config)
     if not allow_change:
         raise CheckpointError(
-            f"the checkpoint is from a run with another accumulation config ({diff}). Build "
-            f"the accumulator with the checkpoint's settings, or pass allow_config_change=True "
-            f"to continue under the new ones from a checkpoint taken at a window boundary."
+            f"the checkpoint is from a run with another accumulation config: build the "
+            f"accumulator with the checkpoint's settings, or pass allow_config_change=True to "
+            f"continue under the new ones from a checkpoint taken at a window boundary. "
+            f"Differences: {diff}."
         )
     if saved.is_accumulating:
         raise CheckpointError(
             f"the checkpoint was taken inside a window ({saved.micro_step} of {saved.window} "
-            f"micro-steps) whose gradients belong to the old config ({diff}); "
+            f"micro-steps) whose gradients were scaled for the old config, so "
             f"allow_config_change needs a checkpoint taken at a window boundary: resume under "
-            f"the old config up to the next boundary, checkpoint there, then change."
+            f"the old config up to the next boundary, checkpoint there, then change. "
+            f"Differences: {diff}."
         )
     window = current.config.schedule.window(saved.epoch, saved.effective_step)
     return attrs.evolve(saved, config=current.config, window=window)

@@ -121,9 +121,10 @@ def load_checkpoint(path: PathLike, *, map_location: Any = None) -> Any:
                 f"torch.load(path, weights_only=False) yourself."
             ) from exc
         size = target.stat().st_size if target.exists() else 0
+        detail = str(exc).split(". ")[0].splitlines()[0] if str(exc).strip() else "no data"
         raise CheckpointError(
             f"checkpoint {str(target)!r} ({size} bytes) is corrupted or truncated and cannot "
-            f"be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"be read ({type(exc).__name__}: {detail}). "
             f"Resume from an earlier checkpoint, or start fresh; write checkpoints with "
             f"accumfn.checkpoint.save_checkpoint, which never leaves a partial file."
         ) from exc

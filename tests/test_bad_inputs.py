@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import sys
 import tempfile
@@ -775,6 +776,12 @@ def test_nonfinite_loss(case: NonFinite) -> None:
         assert not finite
 
 
+def gist_of(message: str, directory: str, limit: int = 220) -> str:
+    """The message for a Markdown cell: no temporary paths, at most ``limit`` characters."""
+    gist = message.replace(directory + os.sep, "").replace("|", "\\|").replace("\n", " ")
+    return gist if len(gist) <= limit else gist[: gist.rindex(" ", 0, limit)] + " …"
+
+
 def catalogue() -> str:
     """The README table, from the messages the rows get now."""
     lines = ["| bad input | what you get |", "|---|---|"]
@@ -783,7 +790,7 @@ def catalogue() -> str:
             try:
                 row.call(make_world(Path(directory)))
             except row.error as exc:
-                gist = str(exc).replace("|", "\\|").replace("\n", " ")
+                gist = gist_of(str(exc), directory)
                 lines.append(f"| {row.bad} | `{type(exc).__name__}`: {gist} |")
     lines += [f"| {case.bad} | no error: {case.outcome} |" for case in NONFINITE]
     return "\n".join(lines)

@@ -169,7 +169,8 @@ def state_from_dict(data: object, *, schedule: object = None) -> AccumState:
     except StateFormatError:
         raise
     except (AccumError, ValueError) as exc:
+        detail = str(exc).rstrip(".")
         raise StateFormatError(
-            f"state values are inconsistent: {exc} Pass the dict that AccumState.to_dict() "
+            f"state values are inconsistent: {detail}. Pass the dict that AccumState.to_dict() "
             f"wrote, unchanged."
         ) from exc
