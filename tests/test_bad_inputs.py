@@ -30,6 +30,7 @@ from accumfn import (
     AccumState,
     CallOrderError,
     CheckpointError,
+    CheckpointNotFoundError,
     ConfigError,
     GradientAccumulator,
     LossError,
@@ -37,7 +38,6 @@ from accumfn import (
     core,
 )
 from accumfn.checkpoint import capture, load_checkpoint, restore, save_checkpoint
-from accumfn.errors import CheckpointNotFoundError
 
 
 class NotWeights:
