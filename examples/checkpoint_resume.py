@@ -1,6 +1,6 @@
 """Train a small MLP with accumulation, checkpoint every k micro-steps, resume after a kill.
 
-    python examples/checkpoint_resume.py RUN_DIR [--scenario plain|amp] [--every K]
+    python examples/checkpoint_resume.py [RUN_DIR] [--scenario plain|amp] [--every K]
 
 Run it, kill it at any moment (even with SIGKILL, even while it saves), run the same command
 again: it resumes from RUN_DIR/checkpoint.pt and writes RUN_DIR/final.pt, whose parameters
@@ -175,7 +175,9 @@ def train(run_dir: Path, scenario: str, every: int, kill_at: int, kill_in_save: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument(
+        "run_dir", type=Path, nargs="?", default=Path("checkpoint_resume_run"), help="(%(default)s)"
+    )
     parser.add_argument("--scenario", choices=["plain", "amp"], default="plain")
     parser.add_argument("--every", type=int, default=1, help="checkpoint every K micro-steps")
     parser.add_argument("--kill-at", type=int, default=-1, metavar="M")
