@@ -6,12 +6,14 @@ and the ``GradientAccumulator`` object API built on it.
 
 from .accumulate import accumulate, check_loss, micro_step_context, prepare_forward
 from .accumulator import AccumulationStats, GradientAccumulator
+from .checkpoint import load_checkpoint, save_checkpoint
 from .core import AccumConfig, AccumState, ByEpoch, ByStep, Constant, Normalization, init
 from .effects import StepReport, apply_step, reset_epoch, step_window
 from .errors import (
     AccumError,
     CallOrderError,
     CheckpointError,
+    CheckpointNotFoundError,
     ConfigError,
     LossError,
     StateFormatError,
@@ -39,6 +41,7 @@ __all__ = [
     "CallOrderError",
     "CallableSink",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "ConfigError",
     "Constant",
     "GradientAccumulator",
@@ -56,8 +59,10 @@ __all__ = [
     "apply_step",
     "check_loss",
     "init",
+    "load_checkpoint",
     "micro_step_context",
     "prepare_forward",
     "reset_epoch",
+    "save_checkpoint",
     "step_window",
 ]

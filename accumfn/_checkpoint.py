@@ -1,7 +1,12 @@
-"""The accumulator's checkpoint dict: plain state, open-window gradients, scaler state."""
+"""The accumulation checkpoint dict: plain state, open-window gradients, scaler state.
+
+``capture`` builds it, ``restore`` checks it whole against the state, optimizer and scaler
+that will use it, and only then changes anything.
+"""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,16 +16,40 @@ from torch.amp import GradScaler
 
 from ._grads import optimizer_params
 from .core import AccumState, ByStep
-from .errors import CheckpointError, StateFormatError
+from .errors import CheckpointError, ConfigError, StateFormatError
 
-__all__ = ["accumulator_state", "load_accumulator_state"]
+__all__ = ["capture", "restore"]
 
-_KEYS = {"accumfn", "partial_grads", "scaler"}
+_KEYS = frozenset({"accumfn", "partial_grads", "scaler"})
+_SCALER_KEYS: dict[str, type] = {
+    "scale": float,
+    "growth_factor": float,
+    "backoff_factor": float,
+    "growth_interval": int,
+    "_growth_tracker": int,
+}
+_CONFIG_NAMES = {
+    "schedule": "accumulation schedule",
+    "max_grad_norm": "max_grad_norm",
+    "batch_size": "batch_size",
+    "skip_nonfinite": "skip_nonfinite",
+    "sync_every_micro_step": "sync_every_micro_step",
+}
 
 
-def accumulator_state(
-    state: AccumState, optimizer: torch.optim.Optimizer, scaler: GradScaler | None
+def _scaler_on(scaler: GradScaler | None) -> bool:
+    return scaler is not None and scaler.is_enabled()
+
+
+def capture(
+    state: AccumState, optimizer: torch.optim.Optimizer, scaler: GradScaler | None = None
 ) -> dict[str, Any]:
+    """What resuming at this micro-step needs besides the model and optimizer state dicts.
+
+    ``{"accumfn": state.to_dict(), "partial_grads": [...] or None, "scaler": {...} or None}``:
+    the open window's gradients (cloned, in the optimizer's parameter order) are kept only
+    while a window holds micro-steps. Loadable with ``torch.load(weights_only=True)``.
+    """
     grads: list[torch.Tensor | None] | None = None
     if state.is_accumulating:
         grads = [
@@ -29,104 +58,198 @@ def accumulator_state(
     return {
         "accumfn": state.to_dict(),
         "partial_grads": grads,
-        "scaler": None if scaler is None else scaler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and _scaler_on(scaler) else None,
     }
 
 
-def _describe(state: AccumState) -> str:
-    config = state.config
-    return (
-        f"schedule={config.schedule.to_dict()}, max_grad_norm={config.max_grad_norm}, "
-        f"batch_size={config.batch_size}, skip_nonfinite={config.skip_nonfinite}, "
-        f"sync_every_micro_step={config.sync_every_micro_step}"
+def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config dict with a callable schedule reduced to its kind (functions don't compare)."""
+    plain = dict(config)
+    schedule = plain.get("schedule")
+    if isinstance(schedule, Mapping) and schedule.get("kind") == "callable":
+        plain["schedule"] = {"kind": "callable"}
+    return plain
+
+
+def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    rows = [
+        f"{_CONFIG_NAMES.get(key, key)}: checkpoint {saved.get(key)!r}, "
+        f"this run {current.get(key)!r}"
+        for key in _CONFIG_NAMES
+        if saved.get(key) != current.get(key)
+    ]
+    return "; ".join(rows)
+
+
+def _parse(data: object, current: AccumState) -> tuple[Mapping[str, Any], AccumState]:
+    if not isinstance(data, Mapping) or set(data) != _KEYS:
+        got = sorted(map(str, data)) if isinstance(data, Mapping) else type(data).__name__
+        raise CheckpointError(
+            f"not an accumfn checkpoint: expected a dict with keys {sorted(_KEYS)}, got {got}. "
+            f"Pass what GradientAccumulator.state_dict() or accumfn.checkpoint.capture() "
+            f"returned, unchanged."
+        )
+    raw = data["accumfn"]
+    schedule: object = None
+    if isinstance(raw, Mapping) and isinstance(raw.get("config"), Mapping):
+        saved_schedule = raw["config"].get("schedule")
+        if isinstance(saved_schedule, Mapping) and saved_schedule.get("kind") == "callable":
+            current_schedule = current.config.schedule
+            # A callable cannot be saved; use this run's (the placeholder is never called:
+            # a config that differs is refused or replaced below).
+            schedule = current_schedule.fn if isinstance(current_schedule, ByStep) else _unused
+    try:
+        saved = AccumState.from_dict(raw, schedule=schedule)
+    except StateFormatError as exc:
+        raise CheckpointError(f"the accumfn state in this checkpoint is unusable: {exc}") from exc
+    return raw, saved
+
+
+def _unused(effective_step: int) -> int:
+    raise AssertionError("placeholder schedule of a replaced config was called")
+
+
+def _resolve_config(
+    raw: Mapping[str, Any], saved: AccumState, current: AccumState, allow_change: bool
+) -> AccumState:
+    saved_config = _plain_config(raw["config"])
+    current_config = _plain_config(current.to_dict()["config"])
+    if saved_config == current_config:
+        return saved
+    diff = _differences(saved_config, current_config)
+    if not allow_change:
+        raise CheckpointError(
+            f"the checkpoint is from a run with another accumulation config: build the "
+            f"accumulator with the checkpoint's settings, or pass allow_config_change=True to "
+            f"continue under the new ones from a checkpoint taken at a window boundary. "
+            f"Differences: {diff}."
+        )
+    if saved.is_accumulating:
+        raise CheckpointError(
+            f"the checkpoint was taken inside a window ({saved.micro_step} of {saved.window} "
+            f"micro-steps) whose gradients were scaled for the old config, so "
+            f"allow_config_change needs a checkpoint taken at a window boundary: resume under "
+            f"the old config up to the next boundary, checkpoint there, then change. "
+            f"Differences: {diff}."
+        )
+    window = current.config.schedule.window(saved.epoch, saved.effective_step)
+    return attrs.evolve(saved, config=current.config, window=window)
+
+
+def _check_scaler(
+    saved_state: object, saved: AccumState, scaler: GradScaler | None, allow_change: bool
+) -> Mapping[str, Any] | None:
+    """The scaler state to load into ``scaler``, or None; raise when they do not fit."""
+    if saved_state is not None and not isinstance(saved_state, Mapping):
+        raise CheckpointError(
+            f"the checkpoint's scaler state must be a dict or None, got "
+            f"{type(saved_state).__name__}. Pass what state_dict()/capture() returned."
+        )
+    saved_on = bool(saved_state)
+    if saved_on != _scaler_on(scaler):
+        if allow_change and not saved.is_accumulating:
+            return None
+        had = "with" if saved_on else "without"
+        fix = (
+            "pass the same kind of GradScaler"
+            if saved_on
+            else "drop the scaler (scaler=None) for this run"
+        )
+        raise CheckpointError(
+            f"the checkpoint was saved {had} an enabled GradScaler and this run "
+            f"{'has none' if saved_on else 'has one'}: {fix}, or pass allow_config_change=True "
+            f"with a checkpoint taken at a window boundary (open-window gradients are scaled "
+            f"by the scaler that made them)."
+        )
+    if not saved_on:
+        return None
+    assert isinstance(saved_state, Mapping)
+    wrong = set(saved_state) != set(_SCALER_KEYS) or any(
+        isinstance(saved_state[key], bool)
+        or not isinstance(saved_state[key], numbers.Integral if kind is int else numbers.Real)
+        for key, kind in _SCALER_KEYS.items()
     )
+    if wrong:
+        raise CheckpointError(
+            f"the checkpoint's scaler state is malformed: expected numbers under "
+            f"{sorted(_SCALER_KEYS)}, got {dict(saved_state)!r}. Pass what "
+            f"GradScaler.state_dict() returned."
+        )
+    return saved_state
 
 
-def _same_config(saved: AccumState, current: AccumState) -> bool:
-    if isinstance(current.config.schedule, ByStep):
-        return attrs.evolve(saved.config, schedule=current.config.schedule) == current.config
-    return saved.config == current.config
-
-
-def _checked_grads(
-    saved: object, optimizer: torch.optim.Optimizer
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def _check_grads(
+    saved_grads: object, saved: AccumState, optimizer: torch.optim.Optimizer
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, gradient) pairs to restore; raise when they do not fit the optimizer."""
+    if not saved.is_accumulating:
+        if saved_grads is not None:
+            raise CheckpointError(
+                "the checkpoint holds open-window gradients but its state has no open window: "
+                "it was edited or assembled by hand. Pass what state_dict()/capture() returned."
+            )
+        return []
     params = list(optimizer_params(optimizer))
-    if not isinstance(saved, list) or len(saved) != len(params):
-        count = len(saved) if isinstance(saved, list) else type(saved).__name__
+    if not isinstance(saved_grads, list) or len(saved_grads) != len(params):
+        count = len(saved_grads) if isinstance(saved_grads, list) else type(saved_grads).__name__
         raise CheckpointError(
             f"the checkpoint's open-window gradients ({count}) do not match the optimizer's "
-            f"{len(params)} parameters: load it into the same model and optimizer it came from."
+            f"{len(params)} parameters: load it into the model and optimizer it was saved from "
+            f"(same architecture, same parameter groups)."
         )
     pairs = []
-    for index, (param, grad) in enumerate(zip(params, saved, strict=True)):
-        if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape != param.shape):
+    for index, (param, grad) in enumerate(zip(params, saved_grads, strict=True)):
+        if grad is None:
+            continue
+        if not isinstance(grad, torch.Tensor) or grad.shape != param.shape:
             shape = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
             raise CheckpointError(
                 f"open-window gradient {index} has shape {shape}, parameter {index} has "
-                f"{tuple(param.shape)}: the checkpoint is from another model."
+                f"{tuple(param.shape)}: the checkpoint is from another model; load it into "
+                f"the model it was saved from."
+            )
+        if grad.dtype != param.dtype:
+            raise CheckpointError(
+                f"open-window gradient {index} is {grad.dtype}, parameter {index} is "
+                f"{param.dtype}: cast the model to the dtype it had when the checkpoint was "
+                f"saved before loading."
             )
         pairs.append((param, grad))
     return pairs
 
 
-def load_accumulator_state(
+def restore(
     data: Mapping[str, Any],
-    current: AccumState,
+    state: AccumState,
     optimizer: torch.optim.Optimizer,
-    scaler: GradScaler | None,
+    scaler: GradScaler | None = None,
     *,
-    allow_config_change: bool,
+    allow_config_change: bool = False,
 ) -> AccumState:
-    """Validate ``data`` whole, then restore grads and scaler; return the state to use."""
-    if not isinstance(data, Mapping) or set(data) != _KEYS:
-        got = sorted(data) if isinstance(data, Mapping) else type(data).__name__
-        raise CheckpointError(
-            f"not an accumulator checkpoint: expected keys {sorted(_KEYS)}, got {got}. Pass "
-            f"what GradientAccumulator.state_dict() returned."
+    """Restore a ``capture`` dict; return the state to continue from.
+
+    ``state`` is the state this run would otherwise use (e.g. ``accumfn.init(...)``): its
+    config must match the checkpoint's, and a callable schedule is taken from it. With
+    ``allow_config_change=True`` a checkpoint taken at a window boundary continues under
+    ``state``'s config. Everything is checked before anything changes; then the scaler
+    state is loaded, the gradients are zeroed and the open window's gradients are put back.
+    Load the model and optimizer state dicts too (before or after, in any order).
+    """
+    if not isinstance(allow_config_change, bool):
+        raise ConfigError(
+            f"allow_config_change must be True or False, got {allow_config_change!r}."
         )
-    schedule = current.config.schedule
-    try:
-        saved = AccumState.from_dict(
-            data["accumfn"], schedule=schedule.fn if isinstance(schedule, ByStep) else None
-        )
-    except StateFormatError as exc:
-        raise CheckpointError(f"the accumulator checkpoint is unusable: {exc}") from exc
-    state = saved
-    if not _same_config(saved, current):
-        if not allow_config_change:
-            raise CheckpointError(
-                f"the checkpoint was saved with {_describe(saved)}, this accumulator has "
-                f"{_describe(current)}. Build the accumulator with the checkpoint's settings, "
-                f"or pass allow_config_change=True to continue under the new ones from a "
-                f"checkpoint taken at a window boundary."
-            )
-        if saved.is_accumulating or saved.closed:
-            raise CheckpointError(
-                f"the checkpoint was taken inside a window ({saved.micro_step} of "
-                f"{saved.window} micro-steps), so its gradients belong to the old config; "
-                f"allow_config_change needs a checkpoint taken at a window boundary."
-            )
-        state = attrs.evolve(
-            saved,
-            config=current.config,
-            window=current.config.schedule.window(saved.epoch, saved.effective_step),
-        )
-    pairs = None
-    if state.is_accumulating:
-        if data["partial_grads"] is None:
-            raise CheckpointError("the checkpoint is inside a window but holds no gradients.")
-        pairs = _checked_grads(data["partial_grads"], optimizer)
-    scaler_state = data["scaler"]
-    if scaler is not None and scaler_state is None:
-        raise CheckpointError(
-            "this accumulator has a GradScaler but the checkpoint holds no scaler state: it "
-            "was saved without one."
-        )
-    if scaler is not None:
-        scaler.load_state_dict(scaler_state)
+    raw, saved = _parse(data, state)
+    resumed = _resolve_config(raw, saved, state, allow_config_change)
+    scaler_state = _check_scaler(data["scaler"], resumed, scaler, allow_config_change)
+    pairs = _check_grads(data["partial_grads"], resumed, optimizer)
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(dict(scaler_state))
+        if pairs:
+            # The scale tensor is made lazily by scale(); a window restored closed goes
+            # straight to unscale_, which needs it.
+            scaler.scale(torch.zeros((), device=pairs[0][0].device))
     optimizer.zero_grad(set_to_none=True)
-    for param, grad in pairs or []:
-        if grad is not None:
-            param.grad = grad.to(device=param.device, dtype=param.dtype).clone()
-    return state
+    for param, grad in pairs:
+        param.grad = grad.to(device=param.device, copy=True)
+    return resumed

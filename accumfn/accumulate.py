@@ -12,7 +12,7 @@ from torch.amp import GradScaler
 from . import _distributed as distributed
 from . import core
 from .core import AccumState
-from .errors import LossError
+from .errors import ConfigError, LossError
 
 __all__ = ["accumulate", "check_loss", "micro_step_context", "prepare_forward"]
 
@@ -32,7 +32,8 @@ def check_loss(loss: object) -> torch.Tensor:
     if not loss.requires_grad:
         raise LossError(
             "loss does not require grad (no grad_fn): it was computed under torch.no_grad(), "
-            "detached, or from a model with no trainable parameters."
+            "detached, or from a model with no trainable parameters; compute it from the "
+            "model's output with grad enabled."
         )
     return loss
 
@@ -74,6 +75,10 @@ def accumulate(
     call ``apply_step``. The input state is never changed; on error nothing is run.
     """
     check_loss(loss)
+    if scaler is not None and not isinstance(scaler, GradScaler):
+        raise ConfigError(
+            f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}."
+        )
     new_state, plan = core.micro_step(state, is_final_batch=is_final_batch, num_items=num_items)
     synced = distributed.forward_synced(model)
     distributed.set_backward_sync(model, plan.reduce_grads)

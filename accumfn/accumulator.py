@@ -11,8 +11,7 @@ import torch
 from torch import nn
 from torch.amp import GradScaler
 
-from . import _checkpoint as checkpoint
-from . import core
+from . import _checkpoint, core
 from .accumulate import accumulate, check_loss, prepare_forward
 from .core import AccumState
 from .effects import LRScheduler, reset_epoch, step_window
@@ -191,7 +190,7 @@ class GradientAccumulator:
 
         Loadable with ``torch.load(weights_only=True)``.
         """
-        return checkpoint.accumulator_state(self.state, self.optimizer, self.scaler)
+        return _checkpoint.capture(self.state, self.optimizer, self.scaler)
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], *, allow_config_change: bool = False
@@ -199,9 +198,10 @@ class GradientAccumulator:
         """Restore from ``state_dict()``. Checked whole before anything changes.
 
         A checkpoint saved under another accumulation config is refused, unless
-        ``allow_config_change=True`` and it was taken at a window boundary.
+        ``allow_config_change=True`` and it was taken at a window boundary. Under DDP, call
+        ``prepare(model)`` after loading, before the first forward.
         """
-        self._state = checkpoint.load_accumulator_state(
+        self._state = _checkpoint.restore(
             state_dict,
             self._state,
             self.optimizer,

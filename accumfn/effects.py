@@ -14,7 +14,7 @@ from . import _distributed as distributed
 from . import core
 from ._grads import optimizer_params, scale_grads_
 from .core import AccumState
-from .errors import CallOrderError
+from .errors import CallOrderError, ConfigError
 
 __all__ = ["LRScheduler", "StepReport", "apply_step", "reset_epoch", "step_window"]
 
@@ -64,6 +64,19 @@ def _step_optimizer(optimizer: torch.optim.Optimizer, scaler: GradScaler | None)
     return stepped
 
 
+def _check_objects(optimizer: object, model: object, *, model_optional: bool = False) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; "
+            f"the order is (state, optimizer, model, ...)."
+        )
+    if not (isinstance(model, nn.Module) or (model_optional and model is None)):
+        raise ConfigError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; the order is "
+            f"(state, optimizer, model, ...)."
+        )
+
+
 def step_window(
     state: AccumState,
     optimizer: torch.optim.Optimizer,
@@ -79,7 +92,12 @@ def step_window(
     are non-finite (GradScaler's decision, or ``skip_nonfinite``), step the scheduler only
     when the optimizer stepped, zero the gradients, open the next window.
     """
-    if not state.closed:
+    _check_objects(optimizer, model)
+    if scaler is not None and not isinstance(scaler, GradScaler):
+        raise ConfigError(
+            f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}."
+        )
+    if not core.check_state(state).closed:
         raise CallOrderError(
             "apply_step needs a closed window: call it only after accumulate(...) returned "
             f"stepped=True (this window holds {state.micro_step} of {state.window} micro-steps)."
@@ -125,6 +143,7 @@ def reset_epoch(
     leaked into the next window), counted in ``dropped_micro_steps``, and a warning says so.
     Pass ``is_final_batch=True`` on an epoch's last micro-batch to apply it instead.
     """
+    _check_objects(optimizer, model, model_optional=True)
     new_state, dropped = core.start_epoch(state)
     if dropped:
         optimizer.zero_grad(set_to_none=True)

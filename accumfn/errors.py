@@ -6,6 +6,7 @@ __all__ = [
     "AccumError",
     "CallOrderError",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "ConfigError",
     "LossError",
     "StateFormatError",
@@ -34,3 +35,7 @@ class StateFormatError(AccumError, ValueError):
 
 class CheckpointError(AccumError, ValueError):
     """A checkpoint cannot be read, or does not fit the accumulator loading it."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """There is no checkpoint file at the path given (also a ``FileNotFoundError``)."""

@@ -4,6 +4,7 @@ from ._schedule import ByEpoch, ByStep, Constant, Schedule, StepsSpec, schedule_
 from ._serialize import FORMAT
 from ._state import AccumConfig, AccumState, MicroPlan, Normalization
 from ._transitions import (
+    check_state,
     close_window,
     finish_step,
     init,
@@ -23,6 +24,7 @@ __all__ = [
     "Normalization",
     "Schedule",
     "StepsSpec",
+    "check_state",
     "close_window",
     "finish_step",
     "init",

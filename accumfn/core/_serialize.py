@@ -92,7 +92,8 @@ def _check_keys(where: str, data: Mapping[str, Any], spec: Mapping[str, tuple[ty
             names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
             raise StateFormatError(
                 f"{where}[{key!r}] must be {names}, got {data[key]!r} of type "
-                f"{type(data[key]).__name__}."
+                f"{type(data[key]).__name__}. Pass the dict that AccumState.to_dict() wrote, "
+                f"unchanged."
             )
 
 
@@ -118,14 +119,16 @@ def _schedule(data: Mapping[str, Any], given: object) -> Schedule | object:
         if all(isinstance(row, list) and len(row) == 2 for row in rows):
             return ByEpoch({row[0]: row[1] for row in rows})
     raise StateFormatError(
-        f"config['schedule'] is not a schedule of format {FORMAT}: {dict(data)!r}."
+        f"config['schedule'] is not a schedule of format {FORMAT}: {dict(data)!r}. Pass the "
+        f"dict that AccumState.to_dict() wrote, unchanged."
     )
 
 
 def state_from_dict(data: object, *, schedule: object = None) -> AccumState:
     if not isinstance(data, Mapping):
         raise StateFormatError(
-            f"expected the dict written by AccumState.to_dict(), got {type(data).__name__}."
+            f"expected the dict written by AccumState.to_dict(), got {type(data).__name__}; "
+            f"pass that dict, unchanged."
         )
     version = data.get("format")
     if version != FORMAT:
@@ -166,4 +169,8 @@ def state_from_dict(data: object, *, schedule: object = None) -> AccumState:
     except StateFormatError:
         raise
     except (AccumError, ValueError) as exc:
-        raise StateFormatError(f"state values are inconsistent: {exc}") from exc
+        detail = str(exc).rstrip(".")
+        raise StateFormatError(
+            f"state values are inconsistent: {detail}. Pass the dict that AccumState.to_dict() "
+            f"wrote, unchanged."
+        ) from exc

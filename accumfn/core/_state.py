@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any
 
 import attrs
@@ -102,6 +103,10 @@ class AccumState:
             )
         if self.closed and self.micro_step == 0:
             raise ConfigError("AccumState is closed but its window holds no micro-step.")
+        if not (math.isfinite(self.grad_scale) and self.grad_scale > 0):
+            raise ConfigError(
+                f"AccumState.grad_scale must be a finite number > 0, got {self.grad_scale}."
+            )
         if (self.window_norm is None) != (self.micro_step == 0):
             raise ConfigError(
                 "AccumState.window_norm must be set exactly when the window holds micro-steps."

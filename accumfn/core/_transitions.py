@@ -15,6 +15,7 @@ from ._schedule import StepsSpec
 from ._state import AccumConfig, AccumState, MicroPlan, Normalization
 
 __all__ = [
+    "check_state",
     "close_window",
     "finish_step",
     "init",
@@ -43,6 +44,19 @@ def init(
     return AccumState(config=config, window=config.schedule.window(0, 0))
 
 
+def check_state(state: object) -> AccumState:
+    """Return ``state`` if it is an AccumState, else raise ConfigError saying what to pass."""
+    if not isinstance(state, AccumState):
+        hint = (
+            " (accumulate returns (state, stepped): unpack it)" if isinstance(state, tuple) else ""
+        )
+        raise ConfigError(
+            f"state must be an AccumState, got {type(state).__name__}{hint}; pass the state "
+            f"that accumfn.init(...) or the previous step returned."
+        )
+    return state
+
+
 def _items(num_items: object) -> int | None:
     if num_items is None:
         return None
@@ -59,7 +73,7 @@ def micro_step(
     state: AccumState, *, is_final_batch: bool = False, num_items: object = None
 ) -> tuple[AccumState, MicroPlan]:
     """Account one micro-batch; return the new state and what the shell must do for it."""
-    if state.closed:
+    if check_state(state).closed:
         raise CallOrderError(
             "the window is closed: call apply_step(state, optimizer, model, ...) before "
             "accumulating the next micro-batch."
@@ -104,7 +118,7 @@ def close_window(
     ``averaged_over`` processes by DDP/FSDP), so they are rescaled by
     ``averaged_over / global_items``, ``global_items`` being the window's count on all ranks.
     """
-    if state.closed or state.micro_step == 0:
+    if check_state(state).closed or state.micro_step == 0:
         raise CallOrderError("close_window needs an open window with at least one micro-step.")
     averaged_over = check_count("averaged_over", averaged_over)
     if state.window_norm is Normalization.ITEMS:
@@ -118,7 +132,7 @@ def close_window(
 
 def finish_step(state: AccumState, *, applied: bool, grad_norm: float | None = None) -> AccumState:
     """Count the closed window as applied or skipped and open the next window."""
-    if not state.closed:
+    if not check_state(state).closed:
         raise CallOrderError(
             "apply_step needs a closed window: call it only when accumulate(...) returned "
             "stepped=True."
@@ -147,7 +161,7 @@ def start_epoch(state: AccumState) -> tuple[AccumState, int]:
 
     The shell must zero the gradients when the count is not 0.
     """
-    if state.closed:
+    if check_state(state).closed:
         raise CallOrderError(
             "the window is closed: call apply_step(...) before starting a new epoch."
         )
