@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import cast
 
 import torch
@@ -20,10 +21,15 @@ __all__ = [
     "set_forward_sync",
 ]
 
-try:
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # pragma: no cover - torch built without distributed
-    FSDPModule = None  # type: ignore[assignment,misc]
+
+def _fsdp_module_type() -> type | None:
+    """FSDP2's module class, if FSDP2 is in use (its import is slow, so it is not done here).
+
+    A model can only be an ``FSDPModule`` once ``torch.distributed.fsdp`` has been imported.
+    """
+    module = sys.modules.get("torch.distributed.fsdp")
+    found = getattr(module, "FSDPModule", None)
+    return found if isinstance(found, type) else None
 
 
 def is_ddp(model: nn.Module) -> bool:
@@ -31,7 +37,8 @@ def is_ddp(model: nn.Module) -> bool:
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    return FSDPModule is not None and isinstance(model, FSDPModule)
+    fsdp_module = _fsdp_module_type()
+    return fsdp_module is not None and isinstance(model, fsdp_module)
 
 
 def _group(model: nn.Module) -> dist.ProcessGroup | None:
