@@ -1,0 +1,280 @@
+"""Run a model accumulated and as one large batch per window, and compare the weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import core
+from ..accumulate import accumulate
+from ..effects import LRScheduler, step_window
+from ..errors import ConfigError
+from ._batches import batch_size, concat_batches
+from ._culprits import find_culprits
+
+__all__ = ["EquivalenceReport", "TensorDiff", "assert_equivalent", "plan_windows"]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@attrs.frozen
+class TensorDiff:
+    """How far one parameter (or buffer) of the accumulated run is from the large-batch run."""
+
+    name: str
+    kind: str
+    """``"parameter"`` or ``"buffer"``."""
+    max_abs: float
+    """Largest absolute difference over all windows."""
+    max_rel: float
+    """Largest difference relative to the large-batch value over all windows."""
+    first_window: int | None
+    """First window (0-based) after which it was outside the tolerance; None if never."""
+
+    @property
+    def diverged(self) -> bool:
+        return self.first_window is not None
+
+
+@attrs.frozen
+class EquivalenceReport:
+    """What ``assert_equivalent`` compared, and how close the two runs stayed."""
+
+    windows: tuple[int, ...]
+    """Micro-batches in each window (the last may be short)."""
+    tensors: tuple[TensorDiff, ...]
+    culprits: tuple[str, ...]
+    """Known causes of divergence found in the model and data."""
+
+    @property
+    def max_abs(self) -> float:
+        return max((t.max_abs for t in self.tensors), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((t.max_rel for t in self.tensors), default=0.0)
+
+    @property
+    def diverged(self) -> tuple[TensorDiff, ...]:
+        return tuple(t for t in self.tensors if t.diverged)
+
+    def __str__(self) -> str:
+        rows = [f"{len(self.windows)} window(s) of {list(self.windows)} micro-batches"]
+        width = max((len(t.name) for t in self.tensors), default=4)
+        for t in self.tensors:
+            flag = f"  DIVERGED after window {t.first_window}" if t.diverged else ""
+            rows.append(
+                f"  {t.name:<{width}}  max abs {t.max_abs:.3e}  max rel {t.max_rel:.3e}{flag}"
+            )
+        return "\n".join(rows)
+
+
+def plan_windows(steps: core.StepsSpec, count: int) -> list[list[int]]:
+    """Indices of ``count`` micro-batches grouped into windows as the core closes them.
+
+    The last micro-batch closes the last window (``is_final_batch``), so it may be short.
+    """
+    state = core.init(steps)
+    windows: list[list[int]] = []
+    current: list[int] = []
+    for index in range(count):
+        state, plan = core.micro_step(state, is_final_batch=index == count - 1)
+        current.append(index)
+        if plan.boundary:
+            state = core.finish_step(core.close_window(state), applied=True)
+            windows.append(current)
+            current = []
+    return windows
+
+
+def _default_loss(reduction: str) -> LossFn:
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        inputs, target = batch
+        output = model(inputs)
+        if target.dtype.is_floating_point:
+            return F.mse_loss(output, target, reduction=reduction)
+        return F.cross_entropy(output, target, reduction=reduction)
+
+    return loss
+
+
+def _state_tensors(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+    found = {name: ("parameter", p.detach()) for name, p in model.named_parameters()}
+    found.update({name: ("buffer", b) for name, b in model.named_buffers()})
+    return found
+
+
+def _difference(
+    got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float
+) -> tuple[float, float, bool]:
+    if not (got.is_floating_point() or got.is_complex()):
+        exact = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
+        return exact, exact, exact == 0
+    if not got.numel():
+        return 0.0, 0.0, True
+    diff = (got.double() - want.double()).abs()
+    reference = want.double().abs()
+    rel = diff / reference.clamp_min(torch.finfo(torch.float64).tiny)
+    close = bool(torch.isclose(got, want, rtol=rtol, atol=atol, equal_nan=True).all())
+    return float(diff.max()), float(rel.max()), close
+
+
+class _Tracker:
+    def __init__(self, names: Iterable[tuple[str, str]]) -> None:
+        self.kinds = dict(names)
+        self.max_abs = dict.fromkeys(self.kinds, 0.0)
+        self.max_rel = dict.fromkeys(self.kinds, 0.0)
+        self.first: dict[str, int | None] = dict.fromkeys(self.kinds)
+
+    def compare(
+        self, got: nn.Module, want: nn.Module, window: int, rtol: float, atol: float
+    ) -> None:
+        reference = _state_tensors(want)
+        for name, (_, tensor) in _state_tensors(got).items():
+            diff, rel, close = _difference(tensor, reference[name][1], rtol, atol)
+            self.max_abs[name] = max(self.max_abs[name], diff)
+            self.max_rel[name] = max(self.max_rel[name], rel)
+            if not close and self.first[name] is None:
+                self.first[name] = window
+
+    def diffs(self) -> tuple[TensorDiff, ...]:
+        return tuple(
+            TensorDiff(name, kind, self.max_abs[name], self.max_rel[name], self.first[name])
+            for name, kind in self.kinds.items()
+        )
+
+
+def _twin_models(make_model: Callable[[], nn.Module], seed: int) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    accumulated = make_model()
+    large = make_model()
+    if large is accumulated:
+        raise ConfigError(
+            "make_model returned the same module twice: it must build a new model on each call "
+            "(e.g. make_model=lambda: MyModel()), the weights are copied across."
+        )
+    large.load_state_dict(accumulated.state_dict())
+    return accumulated, large
+
+
+def _failure(report: EquivalenceReport, steps: object, rtol: float, atol: float) -> str:
+    diverged = report.diverged
+    first = min(t.first_window for t in diverged if t.first_window is not None)
+    lines = [
+        f"accumulated training (steps={steps}) diverged from one large batch per window "
+        f"after window {first} of {len(report.windows)} (windows: {list(report.windows)}).",
+        f"Outside rtol={rtol:g}, atol={atol:g} ({len(diverged)} of {len(report.tensors)}):",
+    ]
+    lines += [
+        f"  {t.kind} {t.name}: max abs {t.max_abs:.3e}, max rel {t.max_rel:.3e} "
+        f"(from window {t.first_window})"
+        for t in diverged
+    ]
+    if report.culprits:
+        lines.append("Likely causes found:")
+        lines += [f"  - {culprit}" for culprit in report.culprits]
+    else:
+        lines.append(
+            "No known cause found in the model. Check that the loss is a mean over the "
+            "micro-batch (or a sum with num_items=...), that nothing else changes the weights "
+            "or gradients between micro-batches, and that the model is deterministic."
+        )
+    return "\n".join(lines)
+
+
+def assert_equivalent(
+    make_model: Callable[[], nn.Module],
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    batches: Iterable[Any],
+    steps: core.StepsSpec = 2,
+    *,
+    loss_fn: LossFn | None = None,
+    num_items: Callable[[Any], int] | None = None,
+    max_grad_norm: float | None = None,
+    make_scheduler: Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
+    combine: Callable[[Sequence[Any]], Any] = concat_batches,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+    seed: int = 0,
+) -> EquivalenceReport:
+    """Check that accumulating ``batches`` equals training on one large batch per window.
+
+    Two copies of ``make_model()`` with the same initial weights train side by side: one
+    with accumfn over the micro-batches (``steps`` per window, short final window
+    included), one on ``combine(window's micro-batches)`` per window. After every window
+    each parameter and buffer is compared; on a difference beyond ``rtol``/``atol`` an
+    AssertionError lists what diverged, by how much, and the likely causes found.
+
+    ``loss_fn(model, batch)`` returns the loss: a mean, or with ``num_items`` (a function
+    giving the items a micro-batch's loss sums over) a sum. The default takes
+    ``(inputs, target)`` batches: cross-entropy for integer targets, else MSE.
+    ``make_optimizer(model)`` builds the optimizer; ``make_scheduler(optimizer)`` an
+    optional LR scheduler. Returns an ``EquivalenceReport`` when the runs agree.
+    """
+    micro_batches = list(batches)
+    if not micro_batches:
+        raise ConfigError("batches is empty: pass at least one micro-batch.")
+    windows = plan_windows(steps, len(micro_batches))
+    item_mode = num_items is not None
+    loss_of = loss_fn or _default_loss("sum" if item_mode else "mean")
+    accumulated, large = _twin_models(make_model, seed)
+    optimizers = make_optimizer(accumulated), make_optimizer(large)
+    schedulers = (
+        (make_scheduler(optimizers[0]), make_scheduler(optimizers[1]))
+        if make_scheduler is not None
+        else (None, None)
+    )
+    tracker = _Tracker((name, kind) for name, (kind, _) in _state_tensors(large).items())
+    state = core.init(steps, max_grad_norm=max_grad_norm)
+    for number, window in enumerate(windows):
+        for index in window:
+            batch = micro_batches[index]
+            items = num_items(batch) if num_items is not None else None
+            state, _ = accumulate(
+                state,
+                loss_of(accumulated, batch),
+                accumulated,
+                is_final_batch=index == len(micro_batches) - 1,
+                num_items=items,
+            )
+        state = step_window(state, optimizers[0], accumulated, scheduler=schedulers[0]).state
+        _large_step(
+            large,
+            optimizers[1],
+            schedulers[1],
+            loss_of(large, combine([micro_batches[i] for i in window])),
+            sum(num_items(micro_batches[i]) for i in window) if num_items is not None else None,
+            max_grad_norm,
+        )
+        tracker.compare(accumulated, large, number, rtol, atol)
+    sizes = [[batch_size(micro_batches[i]) for i in window] for window in windows]
+    report = EquivalenceReport(
+        windows=tuple(len(w) for w in windows),
+        tensors=tracker.diffs(),
+        culprits=tuple(find_culprits(accumulated, sizes, item_mode=item_mode)),
+    )
+    if report.diverged:
+        raise AssertionError(_failure(report, steps, rtol, atol))
+    return report
+
+
+def _large_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    loss: torch.Tensor,
+    total_items: int | None,
+    max_grad_norm: float | None,
+) -> None:
+    torch.autograd.backward(loss / total_items if total_items is not None else loss)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
