@@ -9,29 +9,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import accumfn
-
-SYNC_METHODS = frozenset(
-    {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "is_nonzero"}
-)
-
-
-class HostSyncCounter(TorchFunctionMode):
-    """Counts tensor calls that read a value back to the host (a device sync on GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(
-        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
-    ) -> Any:
-        name = getattr(func, "__name__", "")
-        if name in SYNC_METHODS:
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
+from accumfn.testing import HostSyncCounter as HostSyncCounter  # re-exported for tests
 
 
 def mlp(seed: int, sizes: Sequence[int] = (6, 16, 3)) -> nn.Module:

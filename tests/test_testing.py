@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from accumfn.errors import ConfigError
-from accumfn.testing import EquivalenceReport, assert_equivalent, plan_windows
+from accumfn.testing import EquivalenceReport, HostSyncCounter, assert_equivalent, plan_windows
 from accumfn.testing import strategies as acc_st
 
 
@@ -188,3 +188,35 @@ def test_accumulation_matches_large_batch_on_ragged_splits(split: acc_st.Accumul
         max_grad_norm=1.0,
     )
     assert report.windows == tuple(len(w) for w in split.windows)
+
+
+def test_host_sync_counter_counts_reads_not_device_ops() -> None:
+    x = torch.randn(3, requires_grad=True)
+    with HostSyncCounter() as counter:
+        y = (x * 2).sum()
+        y.detach().to("cpu")  # a CPU tensor copied to the CPU: no sync
+        y.backward()
+    assert counter.calls == []
+    y = y.detach()
+    with HostSyncCounter() as counter:
+        float(y)
+        y.item()
+        bool(y > 0)
+        x.tolist()
+    assert counter.by_name() == {"__float__": 1, "item": 1, "__bool__": 1, "tolist": 1}
+
+
+def test_host_sync_counter_ignores_optimizer_step_counters() -> None:
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(4, 2)).sum().backward()
+    optimizer.step()  # creates the host-side step counters
+    model(torch.randn(4, 2)).sum().backward()
+    with HostSyncCounter() as counted:
+        optimizer.step()
+    assert counted.calls, "Adam reads its step counters on the host"
+    counter = HostSyncCounter()
+    counter.exclude_optimizer_steps(optimizer)
+    with counter:
+        optimizer.step()
+    assert counter.calls == []

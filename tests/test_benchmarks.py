@@ -1,0 +1,83 @@
+"""`python -m benchmarks --quick`: the JSON it writes and the sync counts (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCUMFN_LOOPS = ["accumfn", "accumfn_apply_step", "accumulator"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--repeats", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Time per micro-step" in done.stdout and f"wrote {out}" in done.stdout
+    loaded: dict[str, Any] = json.loads(out.read_text())
+    return loaded
+
+
+def test_machine_and_settings_are_recorded(results: dict[str, Any]) -> None:
+    machine = results["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1
+    assert machine["torch"].startswith("2.")
+    assert results["settings"]["quick"] is True and results["settings"]["repeats"] == 1
+
+
+def test_every_loop_is_timed_against_the_hand_loop(results: dict[str, Any]) -> None:
+    timing = results["timing"]["mlp"]
+    for loop in ["hand", *ACCUMFN_LOOPS, "accelerate", "lightning"]:
+        assert timing[loop]["ms_per_micro_step"] > 0
+        assert len(timing[loop]["samples_ms"]) == 1
+    assert timing["hand"]["ratio_to_hand"] == 1.0
+    ratios = results["ratios"]["mlp"]
+    assert set(ratios) == {
+        "accumfn/hand",
+        "accumfn_apply_step/hand",
+        "accumulator/hand",
+        "accumfn/accelerate",
+        "accumfn/lightning",
+    }
+    assert all(value > 0 for value in ratios.values())
+    assert results["overhead"]["accumfn_us"] > 0
+
+
+def test_no_host_sync_on_non_boundary_steps(results: dict[str, Any]) -> None:
+    syncs = results["syncs"]["mlp"]
+    for loop in ["hand", *ACCUMFN_LOOPS]:
+        assert syncs[loop]["non_boundary_max"] == 0, (loop, syncs[loop])
+    # step_window keeps the gradient norm on the device; apply_step reads it once per window.
+    assert syncs["accumfn"]["boundary_per_window"] == 0
+    assert syncs["accumulator"]["boundary_per_window"] == 0
+    assert syncs["accumfn_apply_step"]["boundary_calls"] == {"__float__": 1}
+
+
+def test_memory_is_measured_against_hand_loop_and_large_batch(results: dict[str, Any]) -> None:
+    memory = results["memory"]["mlp"]
+    for loop in ["hand", "accumfn", "large_batch"]:
+        assert memory[loop]["training_mib"] > 0
+    # The large batch holds WINDOW times the activations: it must need more memory.
+    assert memory["large_batch"]["training_mib"] > memory["accumfn"]["training_mib"]
+    assert memory["accumfn/hand"]["peak_rss_mib"] > 0
+
+
+def test_ddp_row_is_present(results: dict[str, Any]) -> None:
+    ddp = results["ddp"]
+    assert "not_available" in ddp or {"ratio", "allreduce_per_window_accumfn"} <= set(ddp)
