@@ -98,7 +98,7 @@ def run_all(*, repeats: int, quick: bool) -> dict[str, Any]:
         results["syncs"][name] = count_syncs(workload(name), SYNCED)
     for name in names:
         _progress(started, f"memory {name}")
-        results["memory"][name] = _memory(name, 1 if quick else min(repeats, 3), windows)
+        results["memory"][name] = _memory(name, 1 if quick else min(repeats, 3), 2)
     _progress(started, "ddp")
     results["ddp"] = _ddp(repeats)
     results["settings"]["seconds"] = round(time.perf_counter() - started, 1)
