@@ -1,4 +1,9 @@
-"""accumfn's own cost per micro-step, on a model so small that compute does not hide it."""
+"""accumfn's own cost per micro-step, on a model so small that compute does not hide it.
+
+The hand loop is ``(loss / 8).backward()`` and an SGD step every 8; accumfn's extra
+includes the core's transition (a validated frozen record per micro-step) and, once per
+window, the gradient norm that ``step_window`` always computes (kept on the device).
+"""
 
 from __future__ import annotations
 
