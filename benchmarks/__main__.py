@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from . import memory
 from .machine import machine_info
 from .overhead import python_overhead
@@ -43,11 +45,11 @@ def _paired(timing: dict[str, Any], a: str, b: str) -> float | None:
     return float(statistics.median(x / y for x, y in pairs))
 
 
-def _memory(name: str, repeats: int, windows: int) -> dict[str, Any]:
+def _memory(name: str, repeats: int, windows: int, threads: int) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {loop: [] for loop in MEASURED}
     for _ in range(repeats):
         for loop in MEASURED:
-            runs[loop].append(memory.measure(name, loop, windows))
+            runs[loop].append(memory.measure(name, loop, windows, threads))
     result: dict[str, Any] = {
         loop: {
             key: statistics.median(r[key] for r in rs) for key in ("peak_rss_mib", "training_mib")
@@ -98,7 +100,9 @@ def run_all(*, repeats: int, quick: bool) -> dict[str, Any]:
         results["syncs"][name] = count_syncs(workload(name), SYNCED)
     for name in names:
         _progress(started, f"memory {name}")
-        results["memory"][name] = _memory(name, 1 if quick else min(repeats, 3), 2)
+        results["memory"][name] = _memory(
+            name, 1 if quick else min(repeats, 3), 2, torch.get_num_threads()
+        )
     _progress(started, "ddp")
     results["ddp"] = _ddp(repeats)
     results["settings"]["seconds"] = round(time.perf_counter() - started, 1)
@@ -109,11 +113,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--repeats", type=int, default=None, help="repeats (default 7; 3 quick)")
     parser.add_argument("--quick", action="store_true", help="small run (under a minute)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
     args = parser.parse_args(argv)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
     if repeats < 1:
         parser.error(f"--repeats must be >= 1, got {repeats}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     results = run_all(repeats=repeats, quick=args.quick)
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,12 +68,15 @@ def peak_memory(workload_name: str, loop_name: str, windows: int) -> dict[str, A
     }
 
 
-def measure(workload_name: str, loop_name: str, windows: int) -> dict[str, Any]:
+def measure(workload_name: str, loop_name: str, windows: int, threads: int) -> dict[str, Any]:
     """``peak_memory`` in a fresh interpreter, so no other loop's memory counts."""
     root = Path(__file__).resolve().parent.parent
     path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", workload_name, loop_name, str(windows)],
+        [
+            *(sys.executable, "-m", "benchmarks.memory", workload_name, loop_name, str(windows)),
+            *("--threads", str(threads)),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -91,7 +94,12 @@ def main() -> None:
     parser.add_argument("workload", choices=["mlp", "transformer"])
     parser.add_argument("loop")
     parser.add_argument("windows", type=int, nargs="?", default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args()
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(json.dumps(peak_memory(args.workload, args.loop, args.windows)))
 
 

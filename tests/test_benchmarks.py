@@ -20,7 +20,18 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench") / "quick.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--repeats", "1", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -39,6 +50,7 @@ def test_machine_and_settings_are_recorded(results: dict[str, Any]) -> None:
     assert machine["cpu"] and machine["cores"] >= 1
     assert machine["torch"].startswith("2.")
     assert results["settings"]["quick"] is True and results["settings"]["repeats"] == 1
+    assert machine["torch_threads"] == 1
 
 
 def test_every_loop_is_timed_against_the_hand_loop(results: dict[str, Any]) -> None:
