@@ -29,6 +29,7 @@ from accumfn import (
     MetricsTracker,
 )
 
+from .guide_snippets import GUIDE
 from .support import HostSyncCounter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -371,62 +372,8 @@ dataloader = [torch.randn(8, 4) for _ in range(10)]
 epochs = 2
 """
 
-# "Integration with MetricsTracker", verbatim but for the import line
-GUIDE_INTEGRATION = """
-# Initialize tracker with accumulation awareness
-tracker = MetricsTracker(
-    use_wandb=True,
-    gradient_accumulation_steps=4  # For commit control
-)
-
-accumulator = GradientAccumulator(
-    optimizer=optimizer,
-    accumulation_steps=4,
-    batch_size=8
-)
-
-# Training loop
-for batch_idx, batch in enumerate(dataloader):
-    loss = model(batch)
-    should_step = accumulator.accumulate(loss, model)
-
-    # Log at effective steps (75% reduction with steps=4)
-    tracker.log_scalar(
-        'train/batch_loss',
-        loss.item(),
-        step=accumulator.effective_step
-    )
-    # W&B commits only when effective_step changes
-"""
-
-# "Example 3: Metrics Logging with Accumulation", verbatim
-GUIDE_EXAMPLE_3 = """
-tracker = MetricsTracker(
-    use_wandb=True,
-    gradient_accumulation_steps=4
-)
-
-accumulator = GradientAccumulator(
-    optimizer=optimizer,
-    accumulation_steps=4,
-    batch_size=8
-)
-
-for epoch in range(epochs):
-    for batch_idx, batch in enumerate(dataloader):
-        loss = model(batch)
-        should_step = accumulator.accumulate(loss, model)
-
-        # Log per-batch metrics (logged but not committed to W&B)
-        tracker.log_scalar('train/batch_loss', loss.item(),
-                          step=accumulator.effective_step)
-
-        if should_step:
-            # Log per-step metrics (committed to W&B)
-            tracker.log_scalar('train/grad_norm',
-                              accumulator.stats.last_grad_norm,
-                              step=accumulator.effective_step)
-"""
+GUIDE_INTEGRATION = GUIDE["04 Integration with MetricsTracker"]
+GUIDE_EXAMPLE_3 = GUIDE["18 Example 3: Metrics Logging with Accumulation"]
 
 
 def _means_by_step(losses: list[float], window: int) -> dict[int, float]:
