@@ -23,6 +23,7 @@ from torch.nn import functional as F
 import accumfn
 from accumfn import CheckpointError, GradientAccumulator
 from accumfn.checkpoint import capture, restore, save_checkpoint
+from examples.checkpoint_resume import resume  # the same resume users copy
 
 EPOCHS, PER_EPOCH = 2, 7
 LOSS_WEIGHT = 2.0**10  # with the scaler's init scale, some windows overflow (skipped)
@@ -121,17 +122,6 @@ def checkpoint(parts: dict[str, Any], position: int) -> dict[str, Any]:
         "position": position,
         "rng": torch.get_rng_state(),
     }
-
-
-def resume(parts: dict[str, Any], ckpt: dict[str, Any]) -> None:
-    parts["model"].load_state_dict(ckpt["model"])
-    parts["optimizer"].load_state_dict(ckpt["optimizer"])
-    parts["scheduler"].load_state_dict(ckpt["scheduler"])
-    if "acc" in parts:
-        parts["acc"].load_state_dict(ckpt["accum"])
-    else:
-        parts["state"] = restore(ckpt["accum"], parts["state"], parts["optimizer"], parts["scaler"])
-    torch.set_rng_state(ckpt["rng"])
 
 
 def plain_state(parts: dict[str, Any]) -> dict[str, Any]:
