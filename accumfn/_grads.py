@@ -1,12 +1,23 @@
-"""Gradient helpers over parameter lists."""
+"""Gradient helpers over parameter lists, and the GradScaler argument check."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
 import torch
+from torch.amp import GradScaler
 
-__all__ = ["optimizer_params", "scale_grads_", "with_grads"]
+from .errors import ConfigError
+
+__all__ = ["check_scaler", "optimizer_params", "scale_grads_", "with_grads"]
+
+
+def check_scaler(scaler: object) -> None:
+    """Raise ConfigError unless ``scaler`` is a ``torch.amp.GradScaler`` or None."""
+    if scaler is not None and not isinstance(scaler, GradScaler):
+        raise ConfigError(
+            f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}."
+        )
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:

@@ -11,8 +11,9 @@ from torch.amp import GradScaler
 
 from . import _distributed as distributed
 from . import core
+from ._grads import check_scaler
 from .core import AccumState
-from .errors import ConfigError, LossError
+from .errors import LossError
 
 __all__ = ["accumulate", "check_loss", "micro_step_context", "prepare_forward"]
 
@@ -75,10 +76,7 @@ def accumulate(
     call ``apply_step``. The input state is never changed; on error nothing is run.
     """
     check_loss(loss)
-    if scaler is not None and not isinstance(scaler, GradScaler):
-        raise ConfigError(
-            f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}."
-        )
+    check_scaler(scaler)
     new_state, plan = core.micro_step(state, is_final_batch=is_final_batch, num_items=num_items)
     synced = distributed.forward_synced(model)
     distributed.set_backward_sync(model, plan.reduce_grads)

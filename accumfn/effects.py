@@ -12,7 +12,7 @@ from torch.amp import GradScaler
 
 from . import _distributed as distributed
 from . import core
-from ._grads import optimizer_params, scale_grads_
+from ._grads import check_scaler, optimizer_params, scale_grads_
 from .core import AccumState
 from .errors import CallOrderError, ConfigError
 
@@ -93,10 +93,7 @@ def step_window(
     when the optimizer stepped, zero the gradients, open the next window.
     """
     _check_objects(optimizer, model)
-    if scaler is not None and not isinstance(scaler, GradScaler):
-        raise ConfigError(
-            f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}."
-        )
+    check_scaler(scaler)
     if not core.check_state(state).closed:
         raise CallOrderError(
             "apply_step needs a closed window: call it only after accumulate(...) returned "
