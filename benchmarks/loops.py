@@ -68,8 +68,7 @@ def hand_loop(workload: Workload, model: nn.Module) -> StepLoop:
     return StepLoop(step, optimizer)
 
 
-def functional_loop(workload: Workload, model: nn.Module) -> StepLoop:
-    """accumfn's functional API: ``accumulate``, then ``step_window`` (lazy norm)."""
+def _functional(workload: Workload, model: nn.Module, read_norm: bool) -> StepLoop:
     optimizer = make_optimizer(model)
     state = accumfn.init(WINDOW, max_grad_norm=MAX_GRAD_NORM)
 
@@ -78,24 +77,23 @@ def functional_loop(workload: Workload, model: nn.Module) -> StepLoop:
         loss = workload.loss(model, batch)
         state, stepped = accumfn.accumulate(state, loss, model, is_final_batch=last)
         if stepped:
-            state = accumfn.step_window(state, optimizer, model).state
+            state = (
+                accumfn.apply_step(state, optimizer, model)
+                if read_norm
+                else accumfn.step_window(state, optimizer, model).state
+            )
 
     return StepLoop(step, optimizer)
+
+
+def functional_loop(workload: Workload, model: nn.Module) -> StepLoop:
+    """accumfn's functional API: ``accumulate``, then ``step_window`` (lazy norm)."""
+    return _functional(workload, model, read_norm=False)
 
 
 def apply_step_loop(workload: Workload, model: nn.Module) -> StepLoop:
     """accumfn's functional API with ``apply_step``, which reads the norm (1 sync/window)."""
-    optimizer = make_optimizer(model)
-    state = accumfn.init(WINDOW, max_grad_norm=MAX_GRAD_NORM)
-
-    def step(index: int, batch: Batch, last: bool) -> None:
-        nonlocal state
-        loss = workload.loss(model, batch)
-        state, stepped = accumfn.accumulate(state, loss, model, is_final_batch=last)
-        if stepped:
-            state = accumfn.apply_step(state, optimizer, model)
-
-    return StepLoop(step, optimizer)
+    return _functional(workload, model, read_norm=True)
 
 
 def accumulator_loop(workload: Workload, model: nn.Module) -> StepLoop:

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from ._dist_utils import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
 DISTRIBUTED = {"ddp.py"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _command(name: str) -> list[str]:
@@ -30,7 +25,7 @@ def _command(name: str) -> list[str]:
             "torch.distributed.run",
             "--nproc_per_node=2",
             "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
             script,
         ]
     return [sys.executable, script]
