@@ -1,25 +1,59 @@
-"""DDP and FSDP2 gradient-sync control, and the few collectives accumfn issues itself."""
+"""The model's data-parallel strategy (plain, DDP, FSDP2), resolved once per model.
+
+``strategy(model)`` unwraps ``torch.compile`` wrappers, finds DDP or FSDP2 and the
+data-parallel process group(s) they reduce over (DDP's group, FSDP2's mesh, HSDP's two
+dims, or a ``process_group=`` given to ``prepare``), and caches the result on the model.
+The strategy carries out what the core decides: it sets DDP's sync flag before a forward
+and FSDP2's before a backward, exchanges one small header per window so every rank agrees
+on the window (``core.agree``), and reduces gradients bucket by bucket when a window closes
+after a forward that did not sync.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import cast
+import weakref
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = [
-    "averaged_over",
-    "forward_synced",
-    "global_sum",
-    "is_ddp",
-    "is_fsdp",
-    "mean_allreduce_grads_",
-    "set_backward_sync",
-    "set_forward_sync",
-]
+from . import core
+from .errors import ConfigError, RankMismatchError
+
+__all__ = ["BUCKET_BYTES", "DataParallel", "set_forward_sync", "strategy"]
+
+BUCKET_BYTES = 25 * 1024 * 1024
+"""Size of one bucket of the fallback reduction (DDP's default ``bucket_cap_mb``)."""
+
+_TIMEOUT_ENV = "ACCUMFN_SYNC_TIMEOUT"
+_DEFAULT_TIMEOUT_S = 600.0
+
+
+def _timeout() -> timedelta:
+    raw = os.environ.get(_TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw else _DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(
+            f"{_TIMEOUT_ENV} must be a number of seconds, got {raw!r}; unset it for the "
+            f"default ({_DEFAULT_TIMEOUT_S:.0f} s)."
+        ) from None
+    return timedelta(seconds=seconds)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module under ``torch.compile`` wrappers (``OptimizedModule._orig_mod``)."""
+    seen = 0
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) and seen < 8:
+        model = cast(nn.Module, model._orig_mod)
+        seen += 1
+    return model
 
 
 def _fsdp_module_type() -> type | None:
@@ -32,79 +66,195 @@ def _fsdp_module_type() -> type | None:
     return found if isinstance(found, type) else None
 
 
-def is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, DistributedDataParallel)
+def _fsdp_groups(model: nn.Module) -> list[dist.ProcessGroup]:
+    """FSDP2's data-parallel groups: the shard dim, and the replicate dim under HSDP."""
+    fsdp_type = _fsdp_module_type()
+    for module in model.modules():
+        if fsdp_type is None or not isinstance(module, fsdp_type):
+            continue
+        group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)  # type: ignore[operator]
+        info = getattr(group, "mesh_info", None)
+        if info is None:
+            continue
+        groups = [info.shard_process_group]
+        replicate = getattr(info, "replicate_process_group", None)
+        if replicate is not None:
+            groups.append(replicate)
+        return groups
+    raise ConfigError(
+        "cannot find the device mesh of this FSDP2 model (no fully_shard module holds "
+        "parameters); pass process_group=... to prepare_forward/GradientAccumulator.prepare."
+    )
 
 
-def is_fsdp(model: nn.Module) -> bool:
-    fsdp_module = _fsdp_module_type()
-    return fsdp_module is not None and isinstance(model, fsdp_module)
+class DataParallel:
+    """How one model reduces gradients: its kind, groups and the sync flags it obeys."""
+
+    def __init__(self, model: nn.Module, process_group: dist.ProcessGroup | None = None):
+        inner = _unwrap(model)
+        fsdp_type = _fsdp_module_type()
+        self.ddp: DistributedDataParallel | None = None
+        self.fsdp: nn.Module | None = None
+        groups: list[dist.ProcessGroup] = []
+        if isinstance(inner, DistributedDataParallel):
+            self.kind = "ddp"
+            self.ddp = inner
+            own = inner.process_group
+            if process_group is not None and process_group is not own:
+                raise ConfigError(
+                    "process_group differs from the group this DDP model reduces over; drop "
+                    "process_group= (DDP's own group is used) or build DDP with that group."
+                )
+            groups = [own]
+            inner.register_forward_hook(_forward_hook(self))
+        elif fsdp_type is not None and isinstance(inner, fsdp_type):
+            self.kind = "fsdp2"
+            self.fsdp = inner
+            groups = [process_group] if process_group is not None else _fsdp_groups(inner)
+        elif process_group is not None:
+            self.kind = "manual"  # a plain module whose gradients accumfn reduces itself
+            groups = [process_group]
+        else:
+            self.kind = "plain"
+        self.model = inner
+        self.groups = groups if dist.is_available() and dist.is_initialized() else []
+        self.world = 1
+        for group in self.groups:
+            self.world *= dist.get_world_size(group)
+        self._armed = False
+
+    # -- sync control -------------------------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        return bool(self.groups) and self.world > 1
+
+    def set_forward_sync(self, sync: bool) -> None:
+        """DDP decides at forward whether the next backward reduces: set it in advance.
+
+        DDP's ``static_graph`` must sync its first iteration, so it does regardless.
+        """
+        if self.ddp is not None:
+            if self.ddp.static_graph and not self.ddp._static_graph_delay_allreduce_enqueued:
+                sync = True
+            self.ddp.require_backward_grad_sync = sync
+
+    def set_backward_sync(self, sync: bool) -> None:
+        """FSDP2 decides at backward whether it reduce-scatters."""
+        if self.fsdp is not None:
+            self.fsdp.set_requires_gradient_sync(sync)  # type: ignore[operator]
+
+    def backward_reduces(self) -> bool:
+        """Whether the coming backward reduces gradients by itself (DDP: its last forward
+        prepared a reducing backward that no backward has consumed yet)."""
+        if self.ddp is not None:
+            return self._armed
+        return self.kind in ("plain", "fsdp2")
+
+    def backward_done(self) -> None:
+        self._armed = False
+
+    # -- the window's collectives -------------------------------------------------------------
+    def agree(self, state: core.AccumState, *, final: bool, reduces: bool) -> core.WindowTotals:
+        """Sum this rank's view of the closing window over the data-parallel group."""
+        local = core.window_header(state, final=final, reduces=reduces)
+        if not self.distributed:
+            return core.WindowTotals.of([local])
+        header = torch.tensor(local, dtype=torch.int64)
+        for group in self.groups:
+            self._all_reduce(header, group, "the window's header (micro-steps, items, flags)")
+        return core.WindowTotals.from_sums(header.tolist())
+
+    def _all_reduce(self, tensor: torch.Tensor, group: dist.ProcessGroup, what: str) -> None:
+        work = dist.all_reduce(tensor, group=group, async_op=True)
+        assert work is not None
+        timeout = _timeout()
+        try:
+            work.wait(timeout=timeout)
+        except RuntimeError as exc:
+            rank = dist.get_rank()
+            raise RankMismatchError(
+                f"rank {rank} waited {timeout.total_seconds():.0f} s for the other ranks to "
+                f"exchange {what} at the end of a window, and they did not come: the ranks "
+                f"are not closing windows together (unequal numbers of micro-batches per rank, "
+                f"or a rank stopped). Give every rank the same number of micro-batches "
+                f"(DistributedSampler, drop_last=True) and pass is_final_batch=True on each "
+                f"rank's last one; {_TIMEOUT_ENV} sets this wait. ({type(exc).__name__})"
+            ) from exc
+
+    def mean_reduce_grads_(self) -> None:
+        """Average gradients over the group bucket by bucket (the fallback reduction).
+
+        A gradient that no rank produced stays None, as under DDP and large batch; one that
+        only some ranks produced is reduced with zeros from the others.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params or not self.distributed:
+            return
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+        for group in self.groups:
+            self._all_reduce(present, group, "which parameters have gradients")
+        reduced = [p for p, n in zip(params, present.tolist(), strict=True) if n > 0]
+        for param in reduced:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            elif param.grad.is_sparse:
+                raise ConfigError(
+                    "a window closed after a forward that did not sync, and the model has "
+                    "sparse gradients, which the fallback reduction cannot average; close "
+                    "windows only at their planned size, or use sync_every_micro_step=True."
+                )
+        grads = [cast(torch.Tensor, p.grad) for p in reduced]
+        for bucket in _buckets(grads, BUCKET_BYTES):
+            flat = torch.cat([grad.reshape(-1) for grad in bucket])
+            for group in self.groups:
+                self._all_reduce(flat, group, "a bucket of gradients")
+            flat.div_(self.world)
+            for grad, value in zip(
+                bucket, torch.split(flat, [g.numel() for g in bucket]), strict=True
+            ):
+                grad.copy_(value.view_as(grad))
+            del flat
 
 
-def _group(model: nn.Module) -> dist.ProcessGroup | None:
-    if is_ddp(model):
-        return cast(dist.ProcessGroup, model.process_group)
-    if is_fsdp(model) and dist.is_initialized():
-        return dist.group.WORLD
-    return None
+def _forward_hook(dp: DataParallel) -> Any:
+    ref = weakref.ref(dp)
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        strategy_ = ref()
+        if strategy_ is not None and torch.is_grad_enabled():
+            strategy_._armed = bool(getattr(module, "require_forward_param_sync", True))
+
+    return hook
 
 
-def averaged_over(model: nn.Module) -> int:
-    """How many processes DDP/FSDP averages gradients over (1 for a plain module)."""
-    group = _group(model)
-    return 1 if group is None else dist.get_world_size(group)
+def _buckets(grads: Sequence[torch.Tensor], cap: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive groups of same-device, same-dtype gradients of at most ``cap`` bytes."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for grad in grads:
+        nbytes = grad.numel() * grad.element_size()
+        same = not bucket or (grad.dtype, grad.device) == (bucket[0].dtype, bucket[0].device)
+        if bucket and (not same or size + nbytes > cap):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(grad)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, DataParallel] = weakref.WeakKeyDictionary()
+
+
+def strategy(model: nn.Module, process_group: dist.ProcessGroup | None = None) -> DataParallel:
+    """The model's strategy, resolved on first use (or again when ``process_group`` is new)."""
+    found = _CACHE.get(model)
+    if found is None or (process_group is not None and process_group not in found.groups):
+        found = DataParallel(model, process_group)
+        _CACHE[model] = found
+    return found
 
 
 def set_forward_sync(model: nn.Module, sync: bool) -> None:
-    """Tell DDP whether the backward of the next forward must all-reduce.
-
-    DDP reads this flag in forward, so it must be set before the forward it applies to.
-    """
-    if is_ddp(model):
-        setattr(model, "require_backward_grad_sync", sync)  # noqa: B010 - typed as Module
-
-
-def set_backward_sync(model: nn.Module, sync: bool) -> None:
-    """Tell FSDP2 whether the coming backward must reduce-scatter (decided at backward)."""
-    if is_fsdp(model):
-        model.set_requires_gradient_sync(sync)  # type: ignore[operator]
-
-
-def forward_synced(model: nn.Module) -> bool:
-    """Whether the backward about to run will reduce gradients across processes."""
-    if is_ddp(model):
-        return bool(model.require_backward_grad_sync)
-    return True
-
-
-def mean_allreduce_grads_(model: nn.Module) -> None:
-    """Average gradients across the DDP group in one all-reduce of a flat buffer.
-
-    Used when a window closes at a micro-step whose forward was told not to sync.
-    """
-    group = _group(model)
-    if group is None:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat.div_(dist.get_world_size(group))
-    chunks = torch.split(flat, [g.numel() for g in grads])
-    for param, chunk in zip(params, chunks, strict=True):
-        if param.grad is None:
-            param.grad = chunk.view_as(param).clone()
-        else:
-            param.grad.copy_(chunk.view_as(param))
-
-
-def global_sum(model: nn.Module, count: int, device: torch.device) -> int:
-    """The sum of ``count`` over the model's process group (the count itself when local)."""
-    group = _group(model)
-    if group is None:
-        return count
-    total = torch.tensor([count], dtype=torch.int64, device=device)
-    dist.all_reduce(total, group=group)
-    return int(total.item())
+    """Tell DDP whether the backward of the next forward must reduce."""
+    strategy(model).set_forward_sync(sync)

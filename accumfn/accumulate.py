@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.amp import GradScaler
 
@@ -39,13 +40,18 @@ def check_loss(loss: object) -> torch.Tensor:
     return loss
 
 
-def prepare_forward(state: AccumState, model: nn.Module) -> None:
+def prepare_forward(
+    state: AccumState, model: nn.Module, *, process_group: dist.ProcessGroup | None = None
+) -> None:
     """Set DDP's sync flag for the next forward from the state.
 
     ``accumulate`` and ``apply_step`` do this for the following micro-step; call it once
     before the first forward of a run so the first window does not all-reduce early.
+    ``process_group`` names the data-parallel group when accumfn cannot find it (a plain
+    module whose gradients accumfn should average itself, or an FSDP2 model over a mesh
+    it cannot see); DDP's and FSDP2's own groups are found without it.
     """
-    distributed.set_forward_sync(model, core.sync_next_forward(state))
+    distributed.strategy(model, process_group).set_forward_sync(core.sync_next_forward(state))
 
 
 @contextmanager
@@ -74,25 +80,35 @@ def accumulate(
     Item mode: ``loss`` is a sum over ``num_items`` items; gradients are divided by the
     window's item count over all ranks when the window closes. When ``stepped`` is True,
     call ``apply_step``. The input state is never changed; on error nothing is run.
+
+    Under DDP/FSDP2 the ranks exchange one small header when a window closes (before its
+    backward): a short final window is rescaled by its micro-steps over all ranks, and
+    ranks that cannot close the window together raise ``RankMismatchError`` on every rank.
     """
     check_loss(loss)
     check_scaler(scaler)
     new_state, plan = core.micro_step(state, is_final_batch=is_final_batch, num_items=num_items)
-    synced = distributed.forward_synced(model)
-    distributed.set_backward_sync(model, plan.reduce_grads)
+    parallel = distributed.strategy(model)
+    reduces = parallel.backward_reduces()
+    totals = None
+    if plan.boundary:
+        totals = parallel.agree(new_state, final=is_final_batch, reduces=reduces)
+        fallback = core.agree(totals)
+    parallel.set_backward_sync(plan.reduce_grads)
     scaled = loss / plan.loss_divisor if plan.loss_divisor != 1 else loss
     if scaler is not None:
         scaled = scaler.scale(scaled)
     torch.autograd.backward(scaled)
-    if plan.boundary:
-        if plan.reduce_grads and not synced:
-            distributed.mean_allreduce_grads_(model)
-        global_items = None
-        if new_state.window_norm is core.Normalization.ITEMS:
-            global_items = distributed.global_sum(model, new_state.window_items, loss.device)
-        new_state = core.close_window(
-            new_state, global_items=global_items, averaged_over=distributed.averaged_over(model)
-        )
-    else:
-        distributed.set_forward_sync(model, core.sync_next_forward(new_state))
-    return new_state, plan.boundary
+    parallel.backward_done()
+    if totals is None:
+        parallel.set_forward_sync(core.sync_next_forward(new_state))
+        return new_state, False
+    if fallback:
+        parallel.mean_reduce_grads_()
+    new_state = core.close_window(
+        new_state,
+        global_items=totals.items,
+        global_micro_steps=totals.micro_steps,
+        averaged_over=parallel.world,
+    )
+    return new_state, True

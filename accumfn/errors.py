@@ -9,6 +9,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "LossError",
+    "RankMismatchError",
     "StateFormatError",
 ]
 
@@ -39,3 +40,7 @@ class CheckpointError(AccumError, ValueError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """There is no checkpoint file at the path given (also a ``FileNotFoundError``)."""
+
+
+class RankMismatchError(AccumError, RuntimeError):
+    """The data-parallel ranks disagree about a window; raised on every rank that can tell."""

@@ -1,5 +1,6 @@
 """The pure core: frozen records and the transitions that decide every step. No torch."""
 
+from ._agree import WindowTotals, agree, window_header
 from ._schedule import ByEpoch, ByStep, Constant, Schedule, StepsSpec, schedule_from
 from ._serialize import FORMAT
 from ._state import AccumConfig, AccumState, MicroPlan, Normalization
@@ -24,6 +25,8 @@ __all__ = [
     "Normalization",
     "Schedule",
     "StepsSpec",
+    "WindowTotals",
+    "agree",
     "check_state",
     "close_window",
     "finish_step",
@@ -32,4 +35,5 @@ __all__ = [
     "schedule_from",
     "start_epoch",
     "sync_next_forward",
+    "window_header",
 ]

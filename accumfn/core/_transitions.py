@@ -109,14 +109,20 @@ def micro_step(
 
 
 def close_window(
-    state: AccumState, *, global_items: int | None = None, averaged_over: int = 1
+    state: AccumState,
+    *,
+    global_items: int | None = None,
+    averaged_over: int = 1,
+    global_micro_steps: int | None = None,
 ) -> AccumState:
     """Close the window after its boundary backward and fix the gradient rescale factor.
 
-    Mean mode: the losses were divided by the window N, so a short window of k micro-steps
-    is rescaled by N/k. Item mode: gradients hold the sum over items (averaged over
-    ``averaged_over`` processes by DDP/FSDP), so they are rescaled by
-    ``averaged_over / global_items``, ``global_items`` being the window's count on all ranks.
+    Gradients arrive averaged over ``averaged_over`` data-parallel ranks (1 on one process).
+    Mean mode: each rank divided its losses by the window N, so the window's
+    ``global_micro_steps`` micro-batches over all ranks (``micro_step`` on one process) are
+    rescaled by ``averaged_over * N / global_micro_steps``: N/k for a short window of k,
+    also when ranks closed it with different k. Item mode: gradients hold the sum over
+    items, rescaled by ``averaged_over / global_items``.
     """
     if check_state(state).closed or state.micro_step == 0:
         raise CallOrderError("close_window needs an open window with at least one micro-step.")
@@ -126,7 +132,9 @@ def close_window(
         total = check_count("the window's total num_items", total)
         scale = averaged_over / total
     else:
-        scale = state.window / state.micro_step
+        steps = state.micro_step if global_micro_steps is None else global_micro_steps
+        steps = check_count("the window's micro-steps over all ranks", steps)
+        scale = averaged_over * state.window / steps
     return attrs.evolve(state, closed=True, grad_scale=scale)
 
 
