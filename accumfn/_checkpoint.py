@@ -12,15 +12,18 @@ from typing import Any
 
 import attrs
 import torch
+import torch.distributed as dist
 from torch.amp import GradScaler
 
+from ._distributed import all_reduce
 from ._grads import optimizer_params
 from .core import AccumState, ByStep
 from .errors import CheckpointError, ConfigError, StateFormatError
 
 __all__ = ["capture", "restore"]
 
-_KEYS = frozenset({"accumfn", "partial_grads", "scaler"})
+_KEYS = frozenset({"accumfn", "partial_grads", "scaler", "rank"})
+_KEYS_V1 = _KEYS - {"rank"}  # checkpoints of accumfn 0.1, saved on one process
 _SCALER_KEYS: dict[str, type] = {
     "scale": float,
     "growth_factor": float,
@@ -41,24 +44,54 @@ def _scaler_on(scaler: GradScaler | None) -> bool:
     return scaler is not None and scaler.is_enabled()
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def _rank() -> dict[str, int] | None:
+    """This process's place in a distributed run (None on one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+
+
 def capture(
     state: AccumState, optimizer: torch.optim.Optimizer, scaler: GradScaler | None = None
 ) -> dict[str, Any]:
     """What resuming at this micro-step needs besides the model and optimizer state dicts.
 
-    ``{"accumfn": state.to_dict(), "partial_grads": [...] or None, "scaler": {...} or None}``:
-    the open window's gradients (cloned, in the optimizer's parameter order) are kept only
-    while a window holds micro-steps. Loadable with ``torch.load(weights_only=True)``.
+    ``{"accumfn": state.to_dict(), "partial_grads": [...] or None, "scaler": {...} or None,
+    "rank": {...} or None}``: the open window's gradients (cloned, in the optimizer's
+    parameter order; this rank's shard under FSDP2) are kept only while a window holds
+    micro-steps. In a distributed run a checkpoint taken inside a window records the rank
+    that took it (each rank's open window differs) and loads only on that rank. Under FSDP2
+    without ``sync_every_micro_step`` the open window's gradients live inside FSDP2, out of
+    reach: capturing them there raises ``CheckpointError``. Loadable with
+    ``torch.load(weights_only=True)``.
     """
     grads: list[torch.Tensor | None] | None = None
+    params = list(optimizer_params(optimizer))
     if state.is_accumulating:
-        grads = [
-            None if p.grad is None else p.grad.detach().clone() for p in optimizer_params(optimizer)
-        ]
+        if not state.config.sync_every_micro_step and any(_is_dtensor(p) for p in params):
+            raise CheckpointError(
+                f"cannot checkpoint inside a window under FSDP2 ({state.micro_step} of "
+                f"{state.window} micro-steps): FSDP2 keeps the open window's gradients "
+                f"unsharded inside its own parameters until the window's reduce-scatter, out "
+                f"of reach of a checkpoint. Checkpoint at a window boundary (when "
+                f"state.is_accumulating is False, e.g. right after apply_step), or build the "
+                f"accumulator with sync_every_micro_step=True (gradients reduced every "
+                f"micro-step and kept sharded, which a checkpoint can hold)."
+            )
+        grads = [None if p.grad is None else _local(p.grad).detach().clone() for p in params]
     return {
         "accumfn": state.to_dict(),
         "partial_grads": grads,
         "scaler": scaler.state_dict() if scaler is not None and _scaler_on(scaler) else None,
+        "rank": _rank() if state.is_accumulating else None,
     }
 
 
@@ -82,7 +115,7 @@ def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
 
 
 def _parse(data: object, current: AccumState) -> tuple[Mapping[str, Any], AccumState]:
-    if not isinstance(data, Mapping) or set(data) != _KEYS:
+    if not isinstance(data, Mapping) or set(data) not in (_KEYS, _KEYS_V1):
         got = sorted(map(str, data)) if isinstance(data, Mapping) else type(data).__name__
         raise CheckpointError(
             f"not an accumfn checkpoint: expected a dict with keys {sorted(_KEYS)}, got {got}. "
@@ -201,12 +234,13 @@ def _check_grads(
     for index, (param, grad) in enumerate(zip(params, saved_grads, strict=True)):
         if grad is None:
             continue
-        if not isinstance(grad, torch.Tensor) or grad.shape != param.shape:
+        local = _local(param)
+        if not isinstance(grad, torch.Tensor) or grad.shape != local.shape:
             shape = tuple(grad.shape) if isinstance(grad, torch.Tensor) else type(grad).__name__
             raise CheckpointError(
                 f"open-window gradient {index} has shape {shape}, parameter {index} has "
-                f"{tuple(param.shape)}: the checkpoint is from another model; load it into "
-                f"the model it was saved from."
+                f"{tuple(local.shape)} on this rank: the checkpoint is from another model or "
+                f"sharding; load it into the model it was saved from."
             )
         if grad.dtype != param.dtype:
             raise CheckpointError(
@@ -243,6 +277,7 @@ def restore(
     resumed = _resolve_config(raw, saved, state, allow_config_change)
     scaler_state = _check_scaler(data["scaler"], resumed, scaler, allow_config_change)
     pairs = _check_grads(data["partial_grads"], resumed, optimizer)
+    _check_rank(data.get("rank"), resumed)
     if scaler is not None and scaler_state is not None:
         scaler.load_state_dict(dict(scaler_state))
         if pairs:
@@ -251,5 +286,63 @@ def restore(
             scaler.scale(torch.zeros((), device=pairs[0][0].device))
     optimizer.zero_grad(set_to_none=True)
     for param, grad in pairs:
-        param.grad = grad.to(device=param.device, copy=True)
+        param.grad = _as_grad_of(param, grad)
     return resumed
+
+
+def _as_grad_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    local = grad.to(device=_local(param).device, copy=True)
+    if not _is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local,
+        param.device_mesh,  # type: ignore[attr-defined]
+        param.placements,  # type: ignore[attr-defined]
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
+def _check_rank(saved: object, resumed: AccumState) -> None:
+    """Refuse, on every rank, a mid-window checkpoint that another rank took.
+
+    A window's gradients differ per rank until the window's reduction, so rank 0's cannot
+    continue rank 1's window. When every rank loads (as resuming a distributed run does),
+    the ranks agree with one small all-reduce, so all of them raise or none.
+    """
+    if saved is None:
+        return
+    if not isinstance(saved, Mapping) or set(saved) != {"rank", "world_size"}:
+        raise CheckpointError(
+            f"the checkpoint's rank record is malformed: {saved!r}. Pass what "
+            f"state_dict()/capture() returned."
+        )
+    here = _rank()
+    ok = here is not None and dict(saved) == here
+    everyone = ok
+    if here is not None:
+        flag = torch.tensor([int(ok)], dtype=torch.int32)
+        all_reduce(flag, None, "whether each rank can resume its checkpoint", op=dist.ReduceOp.MIN)
+        everyone = bool(flag.item())
+    if everyone:
+        return
+    fix = (
+        "Each rank's open window holds its own gradients, so a checkpoint taken inside a "
+        "window resumes only on the rank that saved it: save on every rank into a file of its "
+        "own (f'accum-rank{rank}.pt'), use accumfn.checkpoint.distributed_state with "
+        "torch.distributed.checkpoint, or checkpoint at a window boundary "
+        "(state.is_accumulating is False), where rank 0's checkpoint serves every rank."
+    )
+    taken = (
+        f"taken inside a window ({resumed.micro_step} of {resumed.window} micro-steps) by "
+        f"rank {saved['rank']} of {saved['world_size']}"
+    )
+    if ok:
+        raise CheckpointError(
+            f"another rank cannot resume from the checkpoint it loaded (this rank's own was "
+            f"{taken}), so no rank resumes. {fix}"
+        )
+    where = f"rank {here['rank']} of {here['world_size']}" if here else "one process"
+    raise CheckpointError(f"this checkpoint was {taken} and is loaded on {where}. {fix}")

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import core
 from .errors import ConfigError, RankMismatchError
 
-__all__ = ["BUCKET_BYTES", "DataParallel", "set_forward_sync", "strategy"]
+__all__ = ["BUCKET_BYTES", "DataParallel", "all_reduce", "set_forward_sync", "strategy"]
 
 BUCKET_BYTES = 25 * 1024 * 1024
 """Size of one bucket of the fallback reduction (DDP's default ``bucket_cap_mb``)."""
@@ -161,25 +161,8 @@ class DataParallel:
             return core.WindowTotals.of([local])
         header = torch.tensor(local, dtype=torch.int64)
         for group in self.groups:
-            self._all_reduce(header, group, "the window's header (micro-steps, items, flags)")
+            all_reduce(header, group, "the window's header (micro-steps, items, flags)")
         return core.WindowTotals.from_sums(header.tolist())
-
-    def _all_reduce(self, tensor: torch.Tensor, group: dist.ProcessGroup, what: str) -> None:
-        work = dist.all_reduce(tensor, group=group, async_op=True)
-        assert work is not None
-        timeout = _timeout()
-        try:
-            work.wait(timeout=timeout)
-        except RuntimeError as exc:
-            rank = dist.get_rank()
-            raise RankMismatchError(
-                f"rank {rank} waited {timeout.total_seconds():.0f} s for the other ranks to "
-                f"exchange {what} at the end of a window, and they did not come: the ranks "
-                f"are not closing windows together (unequal numbers of micro-batches per rank, "
-                f"or a rank stopped). Give every rank the same number of micro-batches "
-                f"(DistributedSampler, drop_last=True) and pass is_final_batch=True on each "
-                f"rank's last one; {_TIMEOUT_ENV} sets this wait. ({type(exc).__name__})"
-            ) from exc
 
     def mean_reduce_grads_(self) -> None:
         """Average gradients over the group bucket by bucket (the fallback reduction).
@@ -192,7 +175,7 @@ class DataParallel:
             return
         present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
         for group in self.groups:
-            self._all_reduce(present, group, "which parameters have gradients")
+            all_reduce(present, group, "which parameters have gradients")
         reduced = [p for p, n in zip(params, present.tolist(), strict=True) if n > 0]
         for param in reduced:
             if param.grad is None:
@@ -207,13 +190,36 @@ class DataParallel:
         for bucket in _buckets(grads, BUCKET_BYTES):
             flat = torch.cat([grad.reshape(-1) for grad in bucket])
             for group in self.groups:
-                self._all_reduce(flat, group, "a bucket of gradients")
+                all_reduce(flat, group, "a bucket of gradients")
             flat.div_(self.world)
             for grad, value in zip(
                 bucket, torch.split(flat, [g.numel() for g in bucket]), strict=True
             ):
                 grad.copy_(value.view_as(grad))
             del flat
+
+
+def all_reduce(
+    tensor: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    what: str,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+) -> None:
+    """All-reduce that turns a hang into ``RankMismatchError`` after ``ACCUMFN_SYNC_TIMEOUT``."""
+    work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
+    assert work is not None
+    timeout = _timeout()
+    try:
+        work.wait(timeout=timeout)
+    except RuntimeError as exc:
+        raise RankMismatchError(
+            f"rank {dist.get_rank()} waited {timeout.total_seconds():.0f} s for the other ranks "
+            f"to exchange {what}, and they did not come: the ranks are not running the same "
+            f"steps (unequal numbers of micro-batches per rank, a rank that loads or saves "
+            f"alone, or a rank that stopped). Give every rank the same number of "
+            f"micro-batches (DistributedSampler, drop_last=True) and pass is_final_batch=True "
+            f"on each rank's last one; {_TIMEOUT_ENV} sets this wait. ({type(exc).__name__})"
+        ) from exc
 
 
 def _forward_hook(dp: DataParallel) -> Any:

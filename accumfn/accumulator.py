@@ -8,6 +8,7 @@ from typing import Any
 
 import attrs
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.amp import GradScaler
 
@@ -89,10 +90,13 @@ class GradientAccumulator:
         self._model: nn.Module | None = None
 
     # -- the step ---------------------------------------------------------------------------
-    def prepare(self, model: nn.Module) -> None:
-        """Under DDP, call once before the first forward so the first window syncs once."""
+    def prepare(self, model: nn.Module, *, process_group: dist.ProcessGroup | None = None) -> None:
+        """Under DDP, call once before the first forward so the first window syncs once.
+
+        ``process_group``: see ``accumfn.prepare_forward``.
+        """
         self._model = model
-        prepare_forward(self._state, model)
+        prepare_forward(self._state, model, process_group=process_group)
 
     def accumulate(
         self,

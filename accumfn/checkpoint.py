@@ -29,9 +29,18 @@ from typing import Any
 import torch
 
 from ._checkpoint import capture, restore
+from ._dcp import DistributedState, StateHolder, distributed_state
 from .errors import CheckpointError, CheckpointNotFoundError
 
-__all__ = ["capture", "load_checkpoint", "restore", "save_checkpoint"]
+__all__ = [
+    "DistributedState",
+    "StateHolder",
+    "capture",
+    "distributed_state",
+    "load_checkpoint",
+    "restore",
+    "save_checkpoint",
+]
 
 PathLike = str | os.PathLike[str]
 
