@@ -188,6 +188,15 @@ class DataParallel:
                 )
         grads = [cast(torch.Tensor, p.grad) for p in reduced]
         for bucket in _buckets(grads, BUCKET_BYTES):
+            if len(bucket) == 1 and bucket[0].is_contiguous():
+                # one large gradient: reduce it in place, a bucket-sized slice at a time
+                flat = bucket[0].view(-1)
+                step = max(1, BUCKET_BYTES // flat.element_size())
+                for start in range(0, flat.numel(), step):
+                    for group in self.groups:
+                        all_reduce(flat[start : start + step], group, "a bucket of gradients")
+                flat.div_(self.world)
+                continue
             flat = torch.cat([grad.reshape(-1) for grad in bucket])
             for group in self.groups:
                 all_reduce(flat, group, "a bucket of gradients")
