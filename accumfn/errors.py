@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .core import AccumState
+
 __all__ = [
     "AccumError",
     "CallOrderError",
@@ -10,6 +15,7 @@ __all__ = [
     "ConfigError",
     "LossError",
     "StateFormatError",
+    "StepError",
 ]
 
 
@@ -39,3 +45,20 @@ class CheckpointError(AccumError, ValueError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """There is no checkpoint file at the path given (also a ``FileNotFoundError``)."""
+
+
+class StepError(AccumError, RuntimeError):
+    """An optimizer or scheduler raised inside a window's step (the cause is chained).
+
+    The window was finished anyway, so training can go on: ``state`` is the state to
+    continue from (``GradientAccumulator`` takes it itself), ``applied`` says whether the
+    window counts as applied (every optimizer stepped) or skipped.
+    """
+
+    def __init__(self, message: str, state: AccumState, applied: bool) -> None:
+        super().__init__(message)
+        self.state = state
+        self.applied = applied
+
+    def __reduce__(self) -> tuple[type[StepError], tuple[str, AccumState, bool]]:
+        return type(self), (str(self), self.state, self.applied)

@@ -6,11 +6,13 @@ from ._state import AccumConfig, AccumState, MicroPlan, Normalization
 from ._transitions import (
     check_state,
     close_window,
+    closes_window,
     finish_step,
     init,
     micro_step,
     start_epoch,
     sync_next_forward,
+    window_after,
 )
 
 __all__ = [
@@ -26,10 +28,12 @@ __all__ = [
     "StepsSpec",
     "check_state",
     "close_window",
+    "closes_window",
     "finish_step",
     "init",
     "micro_step",
     "schedule_from",
     "start_epoch",
     "sync_next_forward",
+    "window_after",
 ]
