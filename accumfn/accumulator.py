@@ -132,7 +132,7 @@ class GradientAccumulator:
             check_loss(loss)
             self._lightning_calls += 1
             return True
-        check_model(model)
+        check_model(model, hint="")
         window = None
         if core.closes_window(self._state, is_final_batch=is_final_batch):
             # The step's checks, before the backward: an error here changes nothing.
@@ -148,7 +148,8 @@ class GradientAccumulator:
         )
         self._state = state
         if stepped:
-            assert window is not None
+            if window is None:  # closes_window mirrors micro_step; never reached
+                window = prepare_step(state, self.optimizer, model, self.scaler, self.scheduler)
             try:
                 report = run_step(state, window, model)
             except StepError as exc:

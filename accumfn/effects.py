@@ -61,10 +61,10 @@ class StepReport:
     """Pre-clip norm of the window's (unscaled, normalized) gradients."""
 
 
-def check_model(model: object, *, optional: bool = False) -> None:
+def check_model(model: object, *, optional: bool = False, hint: str = _ORDER) -> None:
     """Raise ConfigError unless ``model`` is an ``nn.Module`` (or None when optional)."""
     if not (isinstance(model, nn.Module) or (optional and model is None)):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}{_ORDER}.")
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}.")
 
 
 @attrs.frozen

@@ -342,6 +342,21 @@ def test_several_optimizers_checkpoint_mid_window() -> None:
     assert diff(list(resumed.parameters()), list(straight.parameters())) == 0
 
 
+def test_reset_epoch_discards_every_optimizers_window() -> None:
+    model = TwoHeads(8)
+    model.extra = nn.Linear(16, 3)  # trainable, in no optimizer: left alone
+    opts = model.optimizers()
+    state = accumfn.init(4)
+    x, y = micro_batches(8, 1)[0]
+    loss = sum(model.losses(x, y)) + mse(model.extra(model.trunk(x)), y)
+    state, _ = accumfn.accumulate(state, loss, model)
+    with pytest.warns(UserWarning, match="discarded an open window of 1"):
+        state = accumfn.reset_epoch(state, opts, model)
+    assert all(p.grad is None for p in [*model.trunk.parameters(), *model.head_b.parameters()])
+    assert all(p.grad is not None for p in model.extra.parameters())
+    assert (state.epoch, state.dropped_micro_steps) == (1, 1)
+
+
 def test_a_parameter_in_two_optimizers_is_refused() -> None:
     model = TwoHeads(7)
     shared = [
