@@ -17,6 +17,7 @@ from .errors import (
     ConfigError,
     LossError,
     StateFormatError,
+    StepError,
 )
 from .lightning import AccumulationConflictError
 from .metrics import (
@@ -52,6 +53,7 @@ __all__ = [
     "MissingDependencyError",
     "Normalization",
     "StateFormatError",
+    "StepError",
     "StepReport",
     "WandbSink",
     "__version__",

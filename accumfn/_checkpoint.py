@@ -7,7 +7,7 @@ that will use it, and only then changes anything.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.amp import GradScaler
 
 from ._distributed import all_reduce
-from ._grads import optimizer_params
+from ._grads import optimizer_params, zero_grads_
 from .core import AccumState, ByStep
 from .errors import CheckpointError, ConfigError, StateFormatError
 
@@ -60,7 +60,9 @@ def _rank() -> dict[str, int] | None:
 
 
 def capture(
-    state: AccumState, optimizer: torch.optim.Optimizer, scaler: GradScaler | None = None
+    state: AccumState,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    scaler: GradScaler | None = None,
 ) -> dict[str, Any]:
     """What resuming at this micro-step needs besides the model and optimizer state dicts.
 
@@ -212,7 +214,9 @@ def _check_scaler(
 
 
 def _check_grads(
-    saved_grads: object, saved: AccumState, optimizer: torch.optim.Optimizer
+    saved_grads: object,
+    saved: AccumState,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(parameter, gradient) pairs to restore; raise when they do not fit the optimizer."""
     if not saved.is_accumulating:
@@ -255,7 +259,7 @@ def _check_grads(
 def restore(
     data: Mapping[str, Any],
     state: AccumState,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     scaler: GradScaler | None = None,
     *,
     allow_config_change: bool = False,
@@ -284,7 +288,7 @@ def restore(
             # The scale tensor is made lazily by scale(); a window restored closed goes
             # straight to unscale_, which needs it.
             scaler.scale(torch.zeros((), device=pairs[0][0].device))
-    optimizer.zero_grad(set_to_none=True)
+    zero_grads_(optimizer)
     for param, grad in pairs:
         param.grad = _as_grad_of(param, grad)
     return resumed

@@ -98,7 +98,16 @@ def accumulate(
     scaled = loss / plan.loss_divisor if plan.loss_divisor != 1 else loss
     if scaler is not None:
         scaled = scaler.scale(scaled)
-    torch.autograd.backward(scaled)
+    try:
+        torch.autograd.backward(scaled)
+    except RuntimeError as exc:
+        if "backward through the graph a second time" not in str(exc):
+            raise
+        raise LossError(
+            "this loss's graph was already used by a backward pass: accumulate runs backward "
+            "itself (on the loss scaled for the window), so remove your loss.backward() call; "
+            "the gradients it left are in .grad now (optimizer.zero_grad() clears them)."
+        ) from exc
     parallel.backward_done()
     if totals is None:
         parallel.set_forward_sync(core.sync_next_forward(new_state))

@@ -13,10 +13,21 @@ from torch import nn
 from torch.amp import GradScaler
 
 from . import _checkpoint, core
+from ._grads import check_scaler
+from ._window import (
+    Optimizers,
+    Schedulers,
+    as_optimizers,
+    as_schedulers,
+    check_fp16_with_scaler,
+    check_steppable,
+    claim_scaler,
+    window_params,
+)
 from .accumulate import accumulate, check_loss, prepare_forward
 from .core import AccumState
-from .effects import LRScheduler, reset_epoch, step_window
-from .errors import ConfigError
+from .effects import check_model, prepare_step, reset_epoch, run_step
+from .errors import ConfigError, StepError
 from .lightning import check_conflict, trainer_accumulation
 
 __all__ = ["AccumulationStats", "GradientAccumulator"]
@@ -45,45 +56,57 @@ class AccumulationStats:
 class GradientAccumulator:
     """Accumulate gradients over micro-batches, step like one large batch.
 
+    ``optimizer`` may be one optimizer or a list stepped together in each window (one
+    GradScaler for all), ``scheduler`` one, a list, or zero-argument callables.
     ``accumulation_steps`` may be an int, ``{epoch: steps}`` or a callable of the effective
     step. With a Lightning ``trainer`` and ``accumulation_steps=1`` Lightning does the
     accumulating and this object only reports; both accumulating raises ValueError.
+
+    What a step needs is checked here (an optimizer needing a closure, a scheduler needing
+    arguments, a GradScaler over fp16 parameters or shared with another accumulator) and
+    the next window's size before each boundary's backward, so such errors change nothing.
+    If the optimizer or scheduler still raises in a step, ``accumulate`` raises
+    ``StepError`` and the accumulator continues from the next window (the failed one
+    counted as skipped, or as applied if every optimizer had stepped).
     """
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Optimizers,
         accumulation_steps: core.StepsSpec = 1,
         max_grad_norm: float | None = 1.0,
         scaler: GradScaler | None = None,
         batch_size: int = 1,
         trainer: Any = None,
         *,
-        scheduler: LRScheduler | None = None,
+        scheduler: Schedulers | None = None,
         skip_nonfinite: bool = False,
         sync_every_micro_step: bool = False,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise ConfigError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
-            )
+        optimizers = as_optimizers(optimizer)
+        check_steppable(optimizers)
+        as_schedulers(scheduler)
+        check_scaler(scaler)
+        check_fp16_with_scaler(window_params(optimizers), scaler, grads=False)
         check_conflict(accumulation_steps, trainer)
         if trainer is not None and trainer_accumulation(trainer) is None:
             raise ConfigError(
                 f"trainer {type(trainer).__name__} has no int accumulate_grad_batches: pass a "
                 f"Lightning Trainer, or trainer=None for manual accumulation."
             )
-        self.optimizer = optimizer
-        self.scaler = scaler
-        self.scheduler = scheduler
-        self.trainer = trainer
-        self._state = core.init(
+        state = core.init(
             accumulation_steps,
             max_grad_norm=max_grad_norm,
             batch_size=batch_size,
             skip_nonfinite=skip_nonfinite,
             sync_every_micro_step=sync_every_micro_step,
         )
+        claim_scaler(scaler, optimizers)
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.scheduler = scheduler
+        self.trainer = trainer
+        self._state = state
         self._lightning = trainer is not None and accumulation_steps == 1
         self._lightning_calls = 0
         self._norm: torch.Tensor | None = None
@@ -113,6 +136,11 @@ class GradientAccumulator:
             check_loss(loss)
             self._lightning_calls += 1
             return True
+        check_model(model, hint="")
+        window = None
+        if core.closes_window(self._state, is_final_batch=is_final_batch):
+            # The step's checks, before the backward: an error here changes nothing.
+            window = prepare_step(self._state, self.optimizer, model, self.scaler, self.scheduler)
         self._model = model
         state, stepped = accumulate(
             self._state,
@@ -124,9 +152,14 @@ class GradientAccumulator:
         )
         self._state = state
         if stepped:
-            report = step_window(
-                state, self.optimizer, model, scaler=self.scaler, scheduler=self.scheduler
-            )
+            if window is None:  # closes_window mirrors micro_step; never reached
+                window = prepare_step(state, self.optimizer, model, self.scaler, self.scheduler)
+            try:
+                report = run_step(state, window, model)
+            except StepError as exc:
+                self._state = exc.state
+                self._norm = None
+                raise
             self._state = report.state
             self._norm = report.grad_norm
         return stepped

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Protocol
+from collections.abc import Callable
 
 import attrs
 import torch
@@ -12,17 +12,42 @@ from torch.amp import GradScaler
 
 from . import _distributed as distributed
 from . import core
-from ._grads import check_scaler, optimizer_params, scale_grads_
+from ._grads import (
+    check_scaler,
+    clip_grads_,
+    grad_norm,
+    optimizer_params,
+    params_with_grads,
+    scale_grads_,
+    zero_grads_,
+)
+from ._window import (
+    LRScheduler,
+    Optimizers,
+    Schedulers,
+    as_optimizers,
+    as_schedulers,
+    check_fp16_with_scaler,
+    check_steppable,
+    claim_scaler,
+    enabled,
+    warn_untracked,
+    window_params,
+)
 from .core import AccumState
-from .errors import CallOrderError, ConfigError
+from .errors import CallOrderError, ConfigError, StepError
 
-__all__ = ["LRScheduler", "StepReport", "apply_step", "reset_epoch", "step_window"]
+__all__ = [
+    "LRScheduler",
+    "Optimizers",
+    "Schedulers",
+    "StepReport",
+    "apply_step",
+    "reset_epoch",
+    "step_window",
+]
 
-
-class LRScheduler(Protocol):
-    """Anything with ``step()``: torch's LR schedulers and most others."""
-
-    def step(self) -> Any: ...
+_ORDER = "; the order is (state, optimizer, model, ...)"
 
 
 @attrs.frozen
@@ -31,24 +56,51 @@ class StepReport:
 
     state: AccumState
     applied: bool
-    """The optimizer stepped (False: the window was skipped for non-finite gradients)."""
+    """The optimizer(s) stepped (False: the window was skipped for non-finite gradients)."""
     grad_norm: torch.Tensor | None
     """Pre-clip norm of the window's (unscaled, normalized) gradients."""
 
 
-def _total_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor | None:
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return None
-    if max_norm is None:
-        return torch.nn.utils.get_total_norm([p.grad for p in grads if p.grad is not None])
-    return torch.nn.utils.clip_grad_norm_(grads, max_norm)
+def check_model(model: object, *, optional: bool = False, hint: str = _ORDER) -> None:
+    """Raise ConfigError unless ``model`` is an ``nn.Module`` (or None when optional)."""
+    if not (isinstance(model, nn.Module) or (optional and model is None)):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}.")
 
 
-def _step_optimizer(optimizer: torch.optim.Optimizer, scaler: GradScaler | None) -> bool:
-    if scaler is None:
-        optimizer.step()
-        return True
+@attrs.frozen
+class _Window:
+    """A closed window's step, checked whole: what it covers and the window after it."""
+
+    optimizers: tuple[torch.optim.Optimizer, ...]
+    schedulers: tuple[Callable[[], object], ...]
+    scaler: GradScaler | None
+    next_window: int
+
+
+def prepare_step(
+    state: AccumState, optimizer: object, model: object, scaler: object, scheduler: object
+) -> _Window:
+    """Check everything the step that ends ``state``'s window needs; change nothing.
+
+    The window may still be open: ``GradientAccumulator`` checks before the boundary's
+    backward.
+    """
+    optimizers = as_optimizers(optimizer, hint=_ORDER)
+    check_model(model)
+    check_scaler(scaler)
+    assert isinstance(model, nn.Module)
+    assert scaler is None or isinstance(scaler, GradScaler)
+    schedulers = as_schedulers(scheduler)
+    check_steppable(optimizers)
+    params = window_params(optimizers)
+    check_fp16_with_scaler(params, scaler, grads=True)
+    claim_scaler(scaler, optimizers)
+    next_window = core.window_after(state)
+    warn_untracked(model, optimizers, params)
+    return _Window(optimizers, schedulers, enabled(scaler), next_window)
+
+
+def _scaler_step(optimizer: torch.optim.Optimizer, scaler: GradScaler) -> bool:
     stepped = False
 
     def mark(*_: object) -> None:
@@ -60,68 +112,153 @@ def _step_optimizer(optimizer: torch.optim.Optimizer, scaler: GradScaler | None)
         scaler.step(optimizer)
     finally:
         handle.remove()
-    scaler.update()
     return stepped
 
 
-def _check_objects(optimizer: object, model: object, *, model_optional: bool = False) -> None:
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; "
-            f"the order is (state, optimizer, model, ...)."
+class _Progress:
+    """How far a step got, for the message when something in it raises."""
+
+    def __init__(self) -> None:
+        self.where = "unscaling and clipping the gradients"
+        self.stepped: list[int] = []
+        self.applied = False
+        self.scaler_pending = False
+        """The GradScaler holds unscale records that only ``update()`` clears."""
+
+
+def _step_optimizers(
+    window: _Window,
+    grouped: list[list[torch.Tensor]],
+    norm: torch.Tensor | None,
+    skip_nonfinite: bool,
+    progress: _Progress,
+) -> bool:
+    """Step every optimizer, or none when the window's gradients are not finite."""
+    scaler = window.scaler
+    with_grads = sum(1 for params in grouped if params)
+    # GradScaler decides per optimizer: with several, one read decides for the whole window.
+    check = skip_nonfinite if scaler is None else with_grads > 1
+    if check and norm is not None and not bool(torch.isfinite(norm)):  # one read
+        if scaler is not None:
+            scaler.update()
+            progress.scaler_pending = False
+        return False
+    stepped = True
+    for index, (optimizer, params) in enumerate(zip(window.optimizers, grouped, strict=True)):
+        progress.where = f"optimizer {index} ({type(optimizer).__name__}) step()"
+        if scaler is not None and params:
+            stepped = _scaler_step(optimizer, scaler) and stepped
+        else:
+            optimizer.step()
+        progress.stepped.append(index)
+    if scaler is not None and with_grads:
+        progress.where = "GradScaler.update()"
+        scaler.update()
+        progress.scaler_pending = False
+    return stepped
+
+
+def _run(
+    state: AccumState, window: _Window, progress: _Progress
+) -> tuple[bool, torch.Tensor | None]:
+    grouped = [params_with_grads(optimizer_params(o)) for o in window.optimizers]
+    params = [param for group in grouped for param in group]
+    if window.scaler is not None:
+        for optimizer, group in zip(window.optimizers, grouped, strict=True):
+            if group:
+                window.scaler.unscale_(optimizer)
+                progress.scaler_pending = True
+    scale_grads_(params, state.grad_scale)
+    norm = grad_norm(params)
+    max_norm = state.config.max_grad_norm
+    if max_norm is not None and norm is not None:
+        clip_grads_(params, max_norm, norm)
+    applied = _step_optimizers(window, grouped, norm, state.config.skip_nonfinite, progress)
+    progress.applied = applied
+    if applied:
+        for index, step in enumerate(window.schedulers):
+            progress.where = f"scheduler {index} step()"
+            step()
+    return applied, norm
+
+
+def _recover(window: _Window, progress: _Progress) -> None:
+    """After a failed step: drop the window's gradients, let the GradScaler start afresh."""
+    zero_grads_(list(window.optimizers))
+    if window.scaler is not None and progress.scaler_pending:
+        window.scaler.update()  # clears its per-optimizer records for the next window
+
+
+def run_step(state: AccumState, window: _Window, model: nn.Module) -> StepReport:
+    """Carry out a checked window (see ``step_window``)."""
+    progress = _Progress()
+    try:
+        applied, norm = _run(state, window, progress)
+    except Exception as exc:
+        _recover(window, progress)
+        applied = progress.applied
+        new_state = core.finish_step(state, applied=applied, window=window.next_window)
+        distributed.set_forward_sync(model, core.sync_next_forward(new_state))
+        moved = (
+            f" Optimizer(s) {progress.stepped} had stepped: their parameters moved."
+            if progress.stepped and not applied
+            else ""
         )
-    if not (isinstance(model, nn.Module) or (model_optional and model is None)):
-        raise ConfigError(
-            f"model must be a torch.nn.Module, got {type(model).__name__}; the order is "
-            f"(state, optimizer, model, ...)."
-        )
+        raise StepError(
+            f"the window's step failed in {progress.where}: {type(exc).__name__}: {exc}. The "
+            f"window was closed as {'applied' if applied else 'skipped'} (its gradients "
+            f"zeroed, the GradScaler updated) and the next one opened.{moved} Continue from "
+            f"this error's .state (GradientAccumulator does so itself).",
+            new_state,
+            applied,
+        ) from exc
+    zero_grads_(list(window.optimizers))
+    new_state = core.finish_step(state, applied=applied, window=window.next_window)
+    distributed.set_forward_sync(model, core.sync_next_forward(new_state))
+    return StepReport(state=new_state, applied=applied, grad_norm=norm)
 
 
 def step_window(
     state: AccumState,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizers,
     model: nn.Module,
     *,
     scaler: GradScaler | None = None,
-    scheduler: LRScheduler | None = None,
+    scheduler: Schedulers | None = None,
 ) -> StepReport:
     """Apply a closed window without reading anything back from the device.
 
-    In order: unscale (GradScaler), rescale as the core decided (short window, item count),
-    clip once on the unscaled accumulated gradient, step the optimizer unless the gradients
-    are non-finite (GradScaler's decision, or ``skip_nonfinite``), step the scheduler only
-    when the optimizer stepped, zero the gradients, open the next window.
+    The window covers the parameters of ``optimizer`` (one, or a list stepped together);
+    ``model`` is used only for gradient sync and a one-time warning about trainable
+    parameters outside every optimizer. In order: unscale (GradScaler, per optimizer),
+    rescale as the core decided (short window, item count), clip once over all of them,
+    step every optimizer unless the gradients are non-finite (GradScaler's decision, or
+    ``skip_nonfinite``; with several optimizers the window is skipped whole), update the
+    GradScaler once, step the scheduler(s) only when the window was applied, zero the
+    gradients, open the next window.
+
+    All or nothing: the arguments, the scheduler's ``step()`` signature, an optimizer that
+    needs a closure, fp16 gradients under a GradScaler and the next window's size (the
+    schedule) are checked first; such an error changes nothing, so fix the cause and call
+    again with the same state. If the optimizer or scheduler still raises, ``StepError``
+    carries the state to continue from: the window closed (applied if every optimizer had
+    stepped, else skipped), its gradients zeroed, the GradScaler updated.
     """
-    _check_objects(optimizer, model)
-    check_scaler(scaler)
     if not core.check_state(state).closed:
         raise CallOrderError(
             "apply_step needs a closed window: call it only after accumulate(...) returned "
             f"stepped=True (this window holds {state.micro_step} of {state.window} micro-steps)."
         )
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    scale_grads_(optimizer_params(optimizer), state.grad_scale)
-    norm = _total_norm(list(model.parameters()), state.config.max_grad_norm)
-    check = scaler is None and state.config.skip_nonfinite
-    if check and norm is not None and not bool(torch.isfinite(norm)):  # read: opt-in only
-        applied = False
-    else:
-        applied = _step_optimizer(optimizer, scaler)
-    if applied and scheduler is not None:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    new_state = core.finish_step(state, applied=applied)
-    distributed.set_forward_sync(model, core.sync_next_forward(new_state))
-    return StepReport(state=new_state, applied=applied, grad_norm=norm)
+    window = prepare_step(state, optimizer, model, scaler, scheduler)
+    return run_step(state, window, model)
 
 
 def apply_step(
     state: AccumState,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizers,
     model: nn.Module,
     scaler: GradScaler | None = None,
-    scheduler: LRScheduler | None = None,
+    scheduler: Schedulers | None = None,
 ) -> AccumState:
     """Apply a closed window (see ``step_window``) and record its pre-clip gradient norm.
 
@@ -134,16 +271,18 @@ def apply_step(
 
 
 def reset_epoch(
-    state: AccumState, optimizer: torch.optim.Optimizer, model: nn.Module | None = None
+    state: AccumState, optimizer: Optimizers, model: nn.Module | None = None
 ) -> AccumState:
-    """Start the next epoch. An open window is discarded: its gradients are zeroed (never
-    leaked into the next window), counted in ``dropped_micro_steps``, and a warning says so.
-    Pass ``is_final_batch=True`` on an epoch's last micro-batch to apply it instead.
+    """Start the next epoch. An open window is discarded: its gradients (those of the
+    optimizer(s)' parameters) are zeroed, never leaked into the next window, counted in
+    ``dropped_micro_steps``, and a warning says so. Pass ``is_final_batch=True`` on an
+    epoch's last micro-batch to apply it instead.
     """
-    _check_objects(optimizer, model, model_optional=True)
+    optimizers = as_optimizers(optimizer, hint=_ORDER)
+    check_model(model, optional=True)
     new_state, dropped = core.start_epoch(state)
     if dropped:
-        optimizer.zero_grad(set_to_none=True)
+        zero_grads_(list(optimizers))
         warnings.warn(
             f"reset_epoch discarded an open window of {dropped} micro-batch(es); pass "
             f"is_final_batch=True on the epoch's last micro-batch to apply it instead.",

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .core import AccumState
+
 __all__ = [
     "AccumError",
     "CallOrderError",
@@ -11,6 +16,7 @@ __all__ = [
     "LossError",
     "RankMismatchError",
     "StateFormatError",
+    "StepError",
 ]
 
 
@@ -44,3 +50,20 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class RankMismatchError(AccumError, RuntimeError):
     """The data-parallel ranks disagree about a window; raised on every rank that can tell."""
+
+
+class StepError(AccumError, RuntimeError):
+    """An optimizer or scheduler raised inside a window's step (the cause is chained).
+
+    The window was finished anyway, so training can go on: ``state`` is the state to
+    continue from (``GradientAccumulator`` takes it itself), ``applied`` says whether the
+    window counts as applied (every optimizer stepped) or skipped.
+    """
+
+    def __init__(self, message: str, state: AccumState, applied: bool) -> None:
+        super().__init__(message)
+        self.state = state
+        self.applied = applied
+
+    def __reduce__(self) -> tuple[type[StepError], tuple[str, AccumState, bool]]:
+        return type(self), (str(self), self.state, self.applied)

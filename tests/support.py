@@ -83,3 +83,14 @@ def twin(model: nn.Module) -> nn.Module:
 
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+
+
+def same(a: object, b: object) -> bool:
+    """Equal, tensors compared exactly, through nested dicts and lists."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b

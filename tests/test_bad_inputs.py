@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import torch
 from torch import nn
@@ -38,6 +39,8 @@ from accumfn import (
     core,
 )
 from accumfn.checkpoint import capture, load_checkpoint, restore, save_checkpoint
+
+from .support import same
 
 
 class NotWeights:
@@ -113,17 +116,6 @@ def snapshot(world: World) -> dict[str, Any]:
     }
 
 
-def same(a: object, b: object) -> bool:
-    """Equal, tensors compared exactly, through nested dicts and lists."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 # -- actions --------------------------------------------------------------------------------
 
 
@@ -173,6 +165,33 @@ def accumulate(world: World, state: object = None, loss: object = None, **kwargs
 def no_grad_loss(world: World) -> torch.Tensor:
     with torch.no_grad():
         return world.loss()
+
+
+def backwarded_loss(world: World) -> torch.Tensor:
+    """A loss the user already ran backward on (through a copy, so the world is untouched)."""
+    copy_of_model = copy.deepcopy(world.model)
+    loss = F.mse_loss(copy_of_model(torch.ones(3, 5)), torch.zeros(3, 2))
+    loss.backward()
+    return loss
+
+
+def lone_optimizer(dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer:
+    return torch.optim.SGD([nn.Parameter(torch.zeros(2, dtype=dtype))], lr=0.1)
+
+
+def plateau() -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(lone_optimizer())
+
+
+def zero_next_window(world: World) -> AccumState:
+    """The closed state, under a schedule that returns 0 for the next window."""
+    config = attrs.evolve(world.closed.config, schedule=lambda step: 4 if step == 0 else 0)
+    return attrs.evolve(world.closed, config=config)
+
+
+def second_accumulator_on_scaler(world: World) -> None:
+    GradientAccumulator(world.optimizer, 4, scaler=world.scaler)
+    GradientAccumulator(lone_optimizer(), 4, scaler=world.scaler)
 
 
 # -- the table ------------------------------------------------------------------------------
@@ -400,6 +419,109 @@ ROWS = [
         r"got Sequential",
         r"order is \(state, optimizer, model",
     ),  # type: ignore[arg-type]
+    # the window step: optimizers, schedulers, what it is checked for before it changes anything
+    Row(
+        "`optimizer=[]`",
+        lambda w: GradientAccumulator([]),
+        ConfigError,
+        r"optimizer is an empty sequence",
+        r"pass a torch\.optim\.Optimizer, or a list",
+    ),
+    Row(
+        "`apply_step(state, [opt, model], model)`",
+        lambda w: accumfn.apply_step(w.closed, [w.optimizer, w.model], w.model),
+        ConfigError,
+        r"optimizer\[1\] must be a torch\.optim\.Optimizer.*got Sequential",
+        r"order is \(state, optimizer, model",
+    ),  # type: ignore[list-item]
+    Row(
+        "the same optimizer twice",
+        lambda w: accumfn.apply_step(w.closed, [w.optimizer, w.optimizer], w.model),
+        ConfigError,
+        r"the same optimizer appears twice",
+        r"pass each once",
+    ),
+    Row(
+        "a parameter in two optimizers",
+        lambda w: GradientAccumulator(
+            [w.optimizer, torch.optim.SGD(list(w.model.parameters())[:1], lr=0.1)]
+        ),
+        ConfigError,
+        r"shape \(4, 5\) is in optimizer 0 and optimizer 1",
+        r"Give each parameter to one optimizer",
+    ),
+    Row(
+        "`GradientAccumulator(LBFGS(...))`",
+        lambda w: GradientAccumulator(torch.optim.LBFGS(w.model.parameters())),
+        ConfigError,
+        r"LBFGS\.step\(\) needs closure",
+        r"optimizer that steps without a closure",
+    ),
+    Row(
+        "`apply_step` with LBFGS",
+        lambda w: accumfn.apply_step(w.closed, torch.optim.LBFGS(w.model.parameters()), w.model),
+        ConfigError,
+        r"LBFGS\.step\(\) needs closure",
+        r"optimizer that steps without a closure",
+    ),
+    Row(
+        "`scheduler=ReduceLROnPlateau(...)`",
+        lambda w: GradientAccumulator(w.optimizer, 4, scheduler=plateau()),
+        ConfigError,
+        r"ReduceLROnPlateau\.step\(\) needs metrics",
+        r"step it yourself.*zero-argument callable",
+    ),
+    Row(
+        "`apply_step(..., scheduler=ReduceLROnPlateau(...))`",
+        lambda w: accumfn.apply_step(w.closed, w.optimizer, w.model, scheduler=plateau()),
+        ConfigError,
+        r"ReduceLROnPlateau\.step\(\) needs metrics",
+        r"step it yourself.*zero-argument callable",
+    ),
+    Row(
+        "`scheduler=0.1`",
+        lambda w: GradientAccumulator(w.optimizer, 4, scheduler=0.1),
+        ConfigError,
+        r"got float",
+        r"step\(\) method or be a zero-argument callable",
+    ),
+    Row(
+        "schedule callable returns 0 for the next window",
+        lambda w: accumfn.apply_step(zero_next_window(w), w.optimizer, w.model),
+        ConfigError,
+        r"returned 0 for effective step 1",
+        r"must return an int >= 1",
+    ),
+    Row(
+        "schedule callable returns 0 for the next window, object API",
+        lambda w: GradientAccumulator(w.optimizer, lambda s: 1 if s == 0 else 0).accumulate(
+            w.loss(), w.model
+        ),
+        ConfigError,
+        r"returned 0 for effective step 1",
+        r"must return an int >= 1",
+    ),
+    Row(
+        "two accumulators on one GradScaler",
+        second_accumulator_on_scaler,
+        ConfigError,
+        r"already serves another optimizer set \(SGD\)",
+        r"optimizer=\[opt_a, opt_b\].*own GradScaler",
+    ),
+    Row(
+        "fp16 parameters with a GradScaler",
+        lambda w: GradientAccumulator(lone_optimizer(torch.float16), 4, scaler=w.scaler),
+        ConfigError,
+        r"Attempting to unscale FP16 gradients",
+        r"torch\.autocast.*drop the GradScaler",
+    ),
+    Row(
+        "`loss.backward()` before `accumulate`",
+        lambda w: accumulate(w, loss=backwarded_loss(w)),
+        LossError,
+        r"already used by a backward pass",
+        r"accumulate runs backward itself.*remove your loss\.backward\(\)",
+    ),
     # call order
     Row(
         "`apply_step` mid-window",

@@ -7,11 +7,13 @@ from ._state import AccumConfig, AccumState, MicroPlan, Normalization
 from ._transitions import (
     check_state,
     close_window,
+    closes_window,
     finish_step,
     init,
     micro_step,
     start_epoch,
     sync_next_forward,
+    window_after,
 )
 
 __all__ = [
@@ -29,11 +31,13 @@ __all__ = [
     "agree",
     "check_state",
     "close_window",
+    "closes_window",
     "finish_step",
     "init",
     "micro_step",
     "schedule_from",
     "start_epoch",
     "sync_next_forward",
+    "window_after",
     "window_header",
 ]

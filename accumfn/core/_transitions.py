@@ -17,11 +17,13 @@ from ._state import AccumConfig, AccumState, MicroPlan, Normalization
 __all__ = [
     "check_state",
     "close_window",
+    "closes_window",
     "finish_step",
     "init",
     "micro_step",
     "start_epoch",
     "sync_next_forward",
+    "window_after",
 ]
 
 
@@ -138,13 +140,43 @@ def close_window(
     return attrs.evolve(state, closed=True, grad_scale=scale)
 
 
-def finish_step(state: AccumState, *, applied: bool, grad_norm: float | None = None) -> AccumState:
-    """Count the closed window as applied or skipped and open the next window."""
+def closes_window(state: AccumState, *, is_final_batch: object = False) -> bool:
+    """Whether the next micro-step, given these arguments, will close the open window.
+
+    Asks nothing and checks nothing: ``micro_step`` does both; this lets the shell check what
+    the step will need before the boundary's backward runs.
+    """
+    return is_final_batch is True or state.micro_step + 1 >= state.window
+
+
+def window_after(state: AccumState) -> int:
+    """Size of the window that opens once the current one is stepped (asks the schedule).
+
+    The shell asks before the optimizer steps, so a schedule that raises or returns a bad
+    size stops the step before anything changed; pass the answer to ``finish_step``.
+    """
+    return check_state(state).config.schedule.window(state.epoch, state.effective_step + 1)
+
+
+def finish_step(
+    state: AccumState,
+    *,
+    applied: bool,
+    grad_norm: float | None = None,
+    window: int | None = None,
+) -> AccumState:
+    """Count the closed window as applied or skipped and open the next window.
+
+    ``window`` is the next window's size as ``window_after`` gave it (asked again if None).
+    """
     if not check_state(state).closed:
         raise CallOrderError(
             "apply_step needs a closed window: call it only when accumulate(...) returned "
             "stepped=True."
         )
+    if window is None:
+        window = window_after(state)
+    window = check_count("the next window's size", window)
     opened = attrs.evolve(
         state,
         micro_step=0,
@@ -156,7 +188,7 @@ def finish_step(state: AccumState, *, applied: bool, grad_norm: float | None = N
         skipped_steps=state.skipped_steps + int(not applied),
         last_grad_norm=grad_norm,
     )
-    return _reopen(opened)
+    return opened if window == opened.window else attrs.evolve(opened, window=window)
 
 
 def _reopen(state: AccumState) -> AccumState:
