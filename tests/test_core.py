@@ -81,6 +81,29 @@ def test_finish_step_counts_applied_and_skipped() -> None:
     assert (state.optimizer_steps, state.skipped_steps, state.effective_step) == (2, 1, 3)
 
 
+def test_next_window_is_decided_before_the_step() -> None:
+    """window_after asks the schedule once, before the step; finish_step opens that window."""
+    asked: list[int] = []
+
+    def schedule(step: int) -> int:
+        asked.append(step)
+        return 2 + step
+
+    state = core.init(schedule)
+    for final in (False, True):
+        assert core.closes_window(state, is_final_batch=final) == final
+        state, plan = core.micro_step(state, is_final_batch=final)
+        assert plan.boundary == final
+    closed = core.close_window(state)
+    window = core.window_after(closed)
+    assert core.window_after(state) == window == 3
+    opened = core.finish_step(closed, applied=False, window=window)
+    assert (opened.window, opened.skipped_steps) == (3, 1)
+    assert asked == [0, 1, 1]  # init, then one question per window_after call
+    with pytest.raises(ConfigError, match="the next window's size"):
+        core.finish_step(closed, applied=True, window=0)
+
+
 def test_call_order_errors() -> None:
     with pytest.raises(CallOrderError, match="closed window"):
         core.finish_step(core.init(2), applied=True)
