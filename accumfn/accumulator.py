@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -17,6 +17,9 @@ from .core import AccumState
 from .effects import LRScheduler, reset_epoch, step_window
 from .errors import ConfigError
 from .lightning import check_conflict, trainer_accumulation
+
+if TYPE_CHECKING:
+    from .config import AccumulationConfig
 
 __all__ = ["AccumulationStats", "GradientAccumulator"]
 
@@ -209,3 +212,36 @@ class GradientAccumulator:
             allow_config_change=allow_config_change,
         )
         self._norm = None
+
+    # -- from a config file ---------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls,
+        optimizer: torch.optim.Optimizer,
+        config: AccumulationConfig,
+        *,
+        scaler: GradScaler | None = None,
+        scheduler: LRScheduler | None = None,
+        trainer: Any = None,
+    ) -> GradientAccumulator:
+        """An accumulator with the settings of ``config`` (``AccumulationConfig.from_yaml``).
+
+        The learning rate is not touched: build ``optimizer`` with
+        ``config.scaled_learning_rate``.
+        """
+        from .config import AccumulationConfig
+
+        if not isinstance(config, AccumulationConfig):
+            raise ConfigError(
+                f"config must be an AccumulationConfig, got {type(config).__name__}; build it "
+                f"with AccumulationConfig.from_yaml(path) or AccumulationConfig.from_mapping(d)."
+            )
+        kwargs = config.init_kwargs()
+        return cls(
+            optimizer,
+            kwargs.pop("steps"),
+            scaler=scaler,
+            trainer=trainer,
+            scheduler=scheduler,
+            **kwargs,
+        )
