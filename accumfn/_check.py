@@ -229,11 +229,14 @@ def _plural(count: int, word: str) -> str:
 # -- 3. resume in a fresh process -----------------------------------------------------------
 
 
-def _training(config: AccumulationConfig) -> dict[str, Any]:
+def _training(config: AccumulationConfig, epoch: int = 0) -> dict[str, Any]:
+    """Model, AdamW, StepLR and accumulator, the accumulator moved on to ``epoch``."""
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
     acc = GradientAccumulator.from_config(optimizer, config, scheduler=scheduler)
+    for _ in range(epoch):
+        acc.reset_epoch()
     return {"model": model, "optimizer": optimizer, "scheduler": scheduler, "acc": acc}
 
 
@@ -269,12 +272,12 @@ def _fresh_process(checkpoint: Path, out: Path) -> None:
 
 
 def check_resume(config: AccumulationConfig) -> str:
-    window = _window(config, 0)
+    epoch = next((e for e in _epochs(config) if _window(config, e) > 1), 0)
+    window = _window(config, epoch)
     end = 3 * window
     stop = window + max(1, window // 2) if window > 1 else 1
-    uninterrupted = _training(config)
+    uninterrupted, interrupted = _training(config, epoch), _training(config, epoch)
     _train(uninterrupted, config, 0, end)
-    interrupted = _training(config)
     _train(interrupted, config, 0, stop)
     in_window = interrupted["acc"].stats.current_accumulation
     _expect(window == 1 or in_window > 0, f"micro-step {stop} is not inside a window")
@@ -296,6 +299,7 @@ def check_resume(config: AccumulationConfig) -> str:
     expected = [p.detach() for p in uninterrupted["model"].parameters()]
     worst = max((r - e).abs().max().item() for r, e in zip(resumed, expected, strict=True))
     where = f"{in_window} of {window} in the window" if window > 1 else "window 1"
+    where += f", epoch {epoch}" if epoch else ""
     _expect(
         all(torch.equal(r, e) for r, e in zip(resumed, expected, strict=True)),
         f"resumed at micro-step {stop} ({where}): max |resumed - uninterrupted| = {worst:.3g}",
