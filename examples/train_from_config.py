@@ -145,12 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = AccumulationConfig.from_yaml(args.config)
-    print(
-        f"{args.config}: batch_size {config.batch_size} x gradient_accumulation_steps "
-        f"{config.gradient_accumulation_steps} = effective batch "
-        f"{config.effective_batch_size}; learning rate "
-        f"{config.scaled_learning_rate or DEFAULT_LR}"
-    )
+    lr = config.scaled_learning_rate or DEFAULT_LR
+    steps = config.gradient_accumulation_steps
+    print(f"{args.config}: batch_size {config.batch_size}, gradient_accumulation_steps {steps}")
+    print(f"learning rate {lr:g}" + ("" if config.learning_rate else " (no learning_rate set)"))
     if args.run_dir is None:
         show(config, args.config)
         return
