@@ -360,9 +360,10 @@ def _read_yaml(path: Path) -> Any:
         ) from exc
     if not path.is_file():
         state = "is a directory" if path.is_dir() else "does not exist"
+        where = "" if path.is_absolute() else f"; the current directory is {os.getcwd()!r}"
         raise ConfigError(
-            f"no config file at {str(path)!r} (it {state}; the current directory is "
-            f"{os.getcwd()!r}): check the path, e.g. examples/config.yaml."
+            f"no config file at {str(path)!r} (it {state}{where}): check the path, e.g. "
+            f"examples/config.yaml."
         )
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_loader(yaml))

@@ -41,9 +41,9 @@ def check_positive_float(name: str, value: object, *, allow_none: bool) -> float
     return as_float
 
 
-def closest(word: str, choices: Sequence[str]) -> str:
+def closest(word: str, choices: Sequence[str], cutoff: float = 0.6) -> str:
     """`` (did you mean 'x'?)`` for the choice closest to ``word``, or ``""`` when none is."""
-    match = difflib.get_close_matches(word, choices, n=1)
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=cutoff)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
@@ -52,5 +52,5 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if isinstance(value, str) and value in choices:
         return value
     known = ", ".join(repr(choice) for choice in choices)
-    hint = closest(value, choices) if isinstance(value, str) else ""
+    hint = closest(value, choices, cutoff=0.5) if isinstance(value, str) else ""
     raise ConfigError(f"{name} must be one of {known}, got {value!r}{hint}.")
