@@ -48,6 +48,7 @@ class CheckResult:
     name: str
     passed: bool
     figure: str
+    seconds: float
 
 
 class _Failed(Exception):
@@ -322,11 +323,13 @@ CHECKS: dict[str, Callable[[AccumulationConfig], str]] = {
 def run_checks(config: AccumulationConfig) -> Iterator[CheckResult]:
     """Run each check; a failure or an error is a failed check, never an exception."""
     for name, check in CHECKS.items():
+        started = time.perf_counter()
         try:
-            yield CheckResult(name, True, check(config))
+            figure, passed = check(config), True
         except Exception as exc:
-            detail = str(exc) if isinstance(exc, _Failed) else f"{type(exc).__name__}: {exc}"
-            yield CheckResult(name, False, detail)
+            figure = str(exc) if isinstance(exc, _Failed) else f"{type(exc).__name__}: {exc}"
+            passed = False
+        yield CheckResult(name, passed, figure, time.perf_counter() - started)
 
 
 def describe(config: AccumulationConfig) -> str:
@@ -355,7 +358,7 @@ def main(config: AccumulationConfig, source: str) -> int:
     for result in run_checks(config):
         passed += result.passed
         verdict = "PASS" if result.passed else "FAIL"
-        print(f"{verdict}  {result.name:<9}  {result.figure}", flush=True)
+        print(f"{verdict}  {result.name:<9}  {result.figure} ({result.seconds:.1f} s)", flush=True)
     seconds = time.perf_counter() - started
     print(
         f"{passed} of {len(CHECKS)} checks passed in {seconds:.1f} s "
