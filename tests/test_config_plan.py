@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,22 @@ def test_bad_plan_options_are_argparse_errors(
         main(argv)
     assert exited.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def test_plan_and_the_config_import_no_torch() -> None:
+    """The modules behind ``accumfn plan --config`` load without torch (the package's
+    ``__init__`` is bypassed: it is not what this tests)."""
+    code = (
+        "import sys, types\n"
+        "package = types.ModuleType('accumfn')\n"
+        f"package.__path__ = [{str(ROOT / 'accumfn')!r}]\n"
+        "sys.modules['accumfn'] = package\n"
+        "from accumfn.cli import main\n"
+        f"argv = ['plan', '--config', {SEED_FILE!r}, '--lr', '3e-4', '--base-batch', '8']\n"
+        "assert main(argv) == 0\n"
+        "import accumfn.config, accumfn.lr\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "False"
