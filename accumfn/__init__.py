@@ -7,6 +7,7 @@ and the ``GradientAccumulator`` object API built on it.
 from .accumulate import accumulate, check_loss, micro_step_context, prepare_forward
 from .accumulator import AccumulationStats, GradientAccumulator
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import AccumulationConfig
 from .core import AccumConfig, AccumState, ByEpoch, ByStep, Constant, Normalization, init
 from .effects import StepReport, apply_step, reset_epoch, step_window
 from .errors import (
@@ -20,6 +21,7 @@ from .errors import (
     StepError,
 )
 from .lightning import AccumulationConflictError
+from .lr import scale_lr
 from .metrics import (
     CallableSink,
     JsonlSink,
@@ -35,6 +37,7 @@ __all__ = [
     "AccumConfig",
     "AccumError",
     "AccumState",
+    "AccumulationConfig",
     "AccumulationConflictError",
     "AccumulationStats",
     "ByEpoch",
@@ -66,5 +69,6 @@ __all__ = [
     "prepare_forward",
     "reset_epoch",
     "save_checkpoint",
+    "scale_lr",
     "step_window",
 ]

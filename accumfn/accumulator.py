@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
@@ -29,6 +29,9 @@ from .core import AccumState
 from .effects import check_model, prepare_step, reset_epoch, run_step
 from .errors import ConfigError, StepError
 from .lightning import check_conflict, trainer_accumulation
+
+if TYPE_CHECKING:
+    from .config import AccumulationConfig
 
 __all__ = ["AccumulationStats", "GradientAccumulator"]
 
@@ -246,3 +249,36 @@ class GradientAccumulator:
             allow_config_change=allow_config_change,
         )
         self._norm = None
+
+    # -- from a config file ---------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls,
+        optimizer: Optimizers,
+        config: AccumulationConfig,
+        *,
+        scaler: GradScaler | None = None,
+        scheduler: Schedulers | None = None,
+        trainer: Any = None,
+    ) -> GradientAccumulator:
+        """An accumulator with the settings of ``config`` (``AccumulationConfig.from_yaml``).
+
+        The learning rate is not touched: build ``optimizer`` with
+        ``config.scaled_learning_rate``.
+        """
+        from .config import AccumulationConfig
+
+        if not isinstance(config, AccumulationConfig):
+            raise ConfigError(
+                f"config must be an AccumulationConfig, got {type(config).__name__}; build it "
+                f"with AccumulationConfig.from_yaml(path) or AccumulationConfig.from_mapping(d)."
+            )
+        kwargs = config.init_kwargs()
+        return cls(
+            optimizer,
+            kwargs.pop("steps"),
+            scaler=scaler,
+            trainer=trainer,
+            scheduler=scheduler,
+            **kwargs,
+        )

@@ -1,4 +1,4 @@
-"""The ``accumfn`` command: ``accumfn demo`` and ``accumfn plan``."""
+"""The ``accumfn`` command: ``accumfn demo``, ``accumfn plan`` and ``accumfn check``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
 
 
@@ -50,9 +60,28 @@ def _parser() -> argparse.ArgumentParser:
         help="window size for a target effective batch",
         description="Prints the accumulation window that turns a physical batch into a target.",
     )
-    plan.add_argument("--batch-size", type=_positive_int, required=True, help="per device")
-    plan.add_argument("--target", type=_positive_int, required=True, help="effective batch")
+    plan.add_argument("--batch-size", type=_positive_int, help="per device")
+    plan.add_argument("--target", type=_positive_int, help="effective batch")
     plan.add_argument("--devices", type=_positive_int, default=1)
+    plan.add_argument("--config", help="YAML file: the effective batch table of its settings")
+    plan.add_argument("--section", default="training", help="section of --config")
+    plan.add_argument("--steps", type=_positive_int, help="accumulation steps (with --batch-size)")
+    plan.add_argument("--lr", type=_positive_float, help="learning rate tuned at --base-batch")
+    plan.add_argument("--base-batch", type=_positive_int, help="batch size --lr was tuned at")
+    plan.add_argument("--rule", choices=["linear", "sqrt"], help="LR scaling rule to mark")
+    check = commands.add_parser(
+        "check",
+        help="verify that accumulation works here (exit code 0 if it does)",
+        description=(
+            "Checks on this machine, on CPU, under the config given (default: batch_size 8, "
+            "gradient_accumulation_steps 4): (1) accumulated micro-batch gradients equal one "
+            "large batch, (2) the accumulator's counters and windows follow the config, (3) a "
+            "checkpoint saved mid-window and restored in a fresh process resumes exactly. "
+            "Prints PASS/FAIL with a figure for each; exit code 0 only if all pass."
+        ),
+    )
+    check.add_argument("--config", help="YAML file with the accumulation settings")
+    check.add_argument("--section", default="training", help="section of --config")
     return parser
 
 
@@ -77,16 +106,23 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .plan import format_plan, plan_window
+    from .config_plan import plan_text
 
-    print(format_plan(plan_window(args.batch_size, args.target, args.devices)))
+    names = ("config", "section", "batch_size", "steps", "target", "devices", "lr", "base_batch")
+    print(plan_text(rule=args.rule, **{name: getattr(args, name) for name in names}))
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ._check import check_command
+
+    return check_command(args.config, args.section)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _demo(args) if args.command == "demo" else _plan(args)
+        return {"demo": _demo, "plan": _plan, "check": _check}[args.command](args)
     except AccumError as error:
         print(f"accumfn {args.command}: {error}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "LossError",
+    "MissingDependencyError",
     "RankMismatchError",
     "StateFormatError",
     "StepError",
@@ -67,3 +68,7 @@ class StepError(AccumError, RuntimeError):
 
     def __reduce__(self) -> tuple[type[StepError], tuple[str, AccumState, bool]]:
         return type(self), (str(self), self.state, self.applied)
+
+
+class MissingDependencyError(AccumError, ImportError):
+    """An optional dependency a feature needs is not installed."""

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 import accumfn
 from accumfn import (
     AccumState,
+    AccumulationConfig,
     CallOrderError,
     CheckpointError,
     CheckpointNotFoundError,
@@ -101,7 +102,18 @@ def make_world(directory: Path) -> World:
     (directory / "corrupted.pt").write_bytes(data[:40] + bytes(64) + data[104:])
     (directory / "empty.pt").write_bytes(b"")
     torch.save({"obj": NotWeights()}, directory / "unsafe.pt")
+    for name, text in CONFIG_FILES.items():
+        (directory / name).write_text(text)
     return world
+
+
+CONFIG_FILES = {
+    "no_section.yaml": "model:\n  hidden: 16\n",
+    "quoted.yaml": 'training:\n  batch_size: 8\n  gradient_accumulation_steps: "4"\n',
+    "typo.yaml": "training:\n  batch_size: 8\n  gradient_accumulation_step: 4\n",
+    "negative.yaml": "training:\n  batch_size: -8\n  gradient_accumulation_steps: 4\n",
+    "scaling.yaml": "training:\n  batch_size: 8\n  lr_scaling: squareroot\n",
+}
 
 
 def snapshot(world: World) -> dict[str, Any]:
@@ -748,6 +760,66 @@ ROWS = [
         StateFormatError,
         r"only for states saved with a callable",
         r"the dict already holds",
+    ),
+    # config files
+    Row(
+        "no config file",
+        lambda w: AccumulationConfig.from_yaml(w.dir / "missing.yaml"),
+        ConfigError,
+        r"no config file at .*missing\.yaml' \(it does not exist",
+        r"check the path",
+    ),
+    Row(
+        "config file without a `training:` section",
+        lambda w: AccumulationConfig.from_yaml(w.dir / "no_section.yaml"),
+        ConfigError,
+        r"no_section\.yaml has no 'training' section \(top-level keys: model\)",
+        r"put the accumulation settings under 'training:', or pass section=",
+    ),
+    Row(
+        '`gradient_accumulation_steps: "4"`',
+        lambda w: AccumulationConfig.from_yaml(w.dir / "quoted.yaml"),
+        ConfigError,
+        r"quoted\.yaml \[training\]: gradient_accumulation_steps must be an int >= 1, got '4' "
+        r"of type str",
+        r"Write it as a number, without quotes \(gradient_accumulation_steps: 4\)",
+    ),
+    Row(
+        "unknown key `gradient_accumulation_step: 4`",
+        lambda w: AccumulationConfig.from_yaml(w.dir / "typo.yaml"),
+        ConfigError,
+        r"typo\.yaml \[training\]: unknown key 'gradient_accumulation_step' with value 4",
+        r"did you mean 'gradient_accumulation_steps'\?\)\. Known keys: "
+        r"gradient_accumulation_steps, batch_size, .*Fix the spelling, or pass ignore=",
+    ),
+    Row(
+        "`batch_size: -8`",
+        lambda w: AccumulationConfig.from_yaml(w.dir / "negative.yaml"),
+        ConfigError,
+        r"negative\.yaml \[training\]: batch_size must be >= 1, got -8",
+        r"batch_size is the number of samples per micro-batch on each process, an int >= 1",
+    ),
+    Row(
+        "`lr_scaling: squareroot`",
+        lambda w: AccumulationConfig.from_yaml(w.dir / "scaling.yaml"),
+        ConfigError,
+        r"lr_scaling must be one of 'none', 'linear', 'sqrt', got 'squareroot'",
+        r"did you mean 'sqrt'\?",
+    ),
+    Row(
+        "`lr_scaling='linear'` without `base_batch_size`",
+        lambda w: AccumulationConfig(learning_rate=0.1, lr_scaling="linear"),
+        ConfigError,
+        r"lr_scaling='linear' needs base_batch_size",
+        r"set learning_rate to the rate tuned at base_batch_size samples per step, or set "
+        r"lr_scaling to 'none'",
+    ),
+    Row(
+        "`from_mapping({'learning_rate': '3e-4'})`",
+        lambda w: AccumulationConfig.from_mapping({"learning_rate": "3e-4"}),
+        ConfigError,
+        r"learning_rate must be a positive number, got '3e-4' of type str",
+        r"without quotes \(learning_rate: 3e-4\)",
     ),
     # files
     Row(

@@ -65,7 +65,6 @@ def test_plan_prints_the_window(capsys: pytest.CaptureFixture[str]) -> None:
     [
         (["plan", "--batch-size", "0", "--target", "32"], "expected a number >= 1"),
         (["plan", "--batch-size", "eight", "--target", "32"], "expected a whole number"),
-        (["plan", "--target", "32"], "--batch-size"),
         (["demo", "--window", "-1"], "expected a number >= 1"),
     ],
 )

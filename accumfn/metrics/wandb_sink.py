@@ -6,13 +6,9 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import AccumError
+from ..errors import MissingDependencyError
 
 __all__ = ["MissingDependencyError", "WandbSink", "import_wandb"]
-
-
-class MissingDependencyError(AccumError, ImportError):
-    """An optional dependency a feature needs is not installed."""
 
 
 def import_wandb() -> Any:
