@@ -18,6 +18,7 @@ from .errors import (
     ConfigError,
     LossError,
     StateFormatError,
+    RankMismatchError,
     StepError,
 )
 from .lightning import AccumulationConflictError
@@ -56,6 +57,7 @@ __all__ = [
     "MissingDependencyError",
     "Normalization",
     "StateFormatError",
+    "RankMismatchError",
     "StepError",
     "StepReport",
     "WandbSink",
