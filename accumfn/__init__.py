@@ -17,8 +17,8 @@ from .errors import (
     CheckpointNotFoundError,
     ConfigError,
     LossError,
-    StateFormatError,
     RankMismatchError,
+    StateFormatError,
     StepError,
 )
 from .lightning import AccumulationConflictError
@@ -56,8 +56,8 @@ __all__ = [
     "MetricsTracker",
     "MissingDependencyError",
     "Normalization",
-    "StateFormatError",
     "RankMismatchError",
+    "StateFormatError",
     "StepError",
     "StepReport",
     "WandbSink",
