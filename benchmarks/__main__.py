@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: every ratio in one run; prints a table and writes JSON."""
+"""``python -m benchmarks``: every comparison in one run; prints the tables and writes JSON."""
 
 from __future__ import annotations
 
@@ -16,33 +16,38 @@ import torch
 
 from . import memory
 from .machine import machine_info
-from .overhead import python_overhead
 from .report import table
 from .sync_counts import count_syncs
-from .timing import time_loops
-from .workloads import WINDOW, workload
+from .timing import compare, time_windows
+from .workloads import SWEEP, WINDOW, workload
 
-__all__ = ["main", "run_all"]
+__all__ = ["TIMED", "main", "run_all"]
 
-TIMED = ["hand", "accumfn", "accumfn_apply_step", "accumulator", "accelerate", "lightning"]
-SYNCED = ["hand", "accumfn", "accumfn_apply_step", "accumulator", "accelerate"]
-MEASURED = ["hand", "accumfn", "large_batch"]
+ACCUMFN = ["accumfn", "accumulator"]
+PEERS = ["accelerate", "lightning"]
+TIMED: dict[str, list[str]] = {
+    "linear": ACCUMFN,
+    "mlp": [*ACCUMFN, "accumfn_apply_step", *PEERS],
+    "linears50": ACCUMFN,
+    **{f"tensors{n}": ACCUMFN for n in SWEEP},
+    "mlp_noclip": ACCUMFN,
+    "transformer": [*ACCUMFN, *PEERS],
+}
+"""Workloads timed, and the loops timed beside ``hand`` and ``hand_control`` on each."""
+QUICK = ["linear", "mlp", "tensors10"]
 PAIRS = [
+    ("hand_control", "hand"),
     ("accumfn", "hand"),
-    ("accumfn_apply_step", "hand"),
     ("accumulator", "hand"),
+    ("accumfn_apply_step", "hand"),
+    ("accumulator", "accumfn"),
     ("accumfn", "accelerate"),
     ("accumfn", "lightning"),
 ]
+SYNCED = ["hand", "accumfn", "accumfn_apply_step", "accumulator", "accelerate"]
+MEASURED = ["hand", "accumfn", "large_batch"]
+MEMORY = ["wide_mlp", "transformer"]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
-
-
-def _paired(timing: dict[str, Any], a: str, b: str) -> float | None:
-    """Median over repeats of a's time over b's time in the same repeat."""
-    if "samples_ms" not in timing.get(a, {}) or "samples_ms" not in timing.get(b, {}):
-        return None
-    pairs = zip(timing[a]["samples_ms"], timing[b]["samples_ms"], strict=True)
-    return float(statistics.median(x / y for x, y in pairs))
 
 
 def _memory(name: str, repeats: int, windows: int, threads: int) -> dict[str, Any]:
@@ -76,56 +81,94 @@ def _progress(started: float, what: str) -> None:
     print(f"[{time.perf_counter() - started:6.1f}s] {what}", file=sys.stderr, flush=True)
 
 
-def run_all(*, repeats: int, quick: bool) -> dict[str, Any]:
+def run_all(
+    *,
+    repeats: int,
+    quick: bool,
+    target_s: float,
+    only: list[str] | None = None,
+    extras: bool = True,
+) -> dict[str, Any]:
     """Every benchmark; the dict that is written as JSON."""
-    windows = 2 if quick else 6
-    names = ["mlp"] if quick else ["mlp", "transformer"]
+    names = only or (QUICK if quick else list(TIMED))
     started = time.perf_counter()
     results: dict[str, Any] = {
         "machine": machine_info(),
-        "settings": {"repeats": repeats, "quick": quick, "window": WINDOW, "windows": windows},
+        "settings": {
+            "repeats": repeats,
+            "quick": quick,
+            "window": WINDOW,
+            "target_s_per_repeat": target_s,
+            "windows_per_repeat": {},
+        },
+        "workloads": {},
         "timing": {},
-        "ratios": {},
         "syncs": {},
         "memory": {},
     }
-    _progress(started, "accumfn's own cost per micro-step")
-    results["overhead"] = python_overhead(repeats)
     for name in names:
         _progress(started, f"timing {name}")
-        timing = time_loops(workload(name), TIMED, repeats=repeats, windows=windows)
-        results["timing"][name] = timing
-        results["ratios"][name] = {f"{a}/{b}": _paired(timing, a, b) for a, b in PAIRS}
-        _progress(started, f"syncs {name}")
-        results["syncs"][name] = count_syncs(workload(name), SYNCED)
-    for name in names:
-        _progress(started, f"memory {name}")
-        results["memory"][name] = _memory(
-            name, 1 if quick else min(repeats, 3), 2, torch.get_num_threads()
+        loops = ["hand", "hand_control", *TIMED[name]]
+        timed = time_windows(
+            workload(name),
+            loops,
+            repeats=repeats,
+            target_s=target_s,
+            warmup=1 if quick else 2,
+            min_windows=1 if quick else 3,
         )
-    _progress(started, "ddp")
-    results["ddp"] = _ddp(repeats)
+        results["settings"]["windows_per_repeat"][name] = timed["windows"]
+        results["workloads"][name] = workload(name).title
+        results["timing"][name] = {
+            **compare(timed, PAIRS),
+            "missing": timed["missing"],
+        }
+    if extras:
+        for name in ["mlp"] if quick else ["mlp", "transformer"]:
+            _progress(started, f"syncs {name}")
+            results["syncs"][name] = count_syncs(workload(name), SYNCED)
+        for name in MEMORY[:1] if quick else MEMORY:
+            _progress(started, f"memory {name}")
+            results["memory"][name] = _memory(name, 1 if quick else 3, 2, torch.get_num_threads())
+        _progress(started, "ddp")
+        results["ddp"] = _ddp(2 if quick else 5)
     results["settings"]["seconds"] = round(time.perf_counter() - started, 1)
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--repeats", type=int, default=None, help="repeats (default 7; 3 quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="repeats (default 9; 2 quick)")
     parser.add_argument("--quick", action="store_true", help="small run (under a minute)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--seconds",
+        type=float,
+        default=None,
+        help="CPU seconds of one loop's repeat (default 0.3; 0.01 quick)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--only", nargs="+", choices=list(TIMED), help="time these workloads only")
+    parser.add_argument(
+        "--timing-only", action="store_true", help="skip the sync, memory and DDP sections"
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file to write")
     args = parser.parse_args(argv)
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 9)
+    seconds = args.seconds if args.seconds is not None else (0.01 if args.quick else 0.3)
     if repeats < 1:
         parser.error(f"--repeats must be >= 1, got {repeats}")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    results = run_all(repeats=repeats, quick=args.quick)
+    if seconds <= 0:
+        parser.error(f"--seconds must be > 0, got {seconds}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    results = run_all(
+        repeats=repeats,
+        quick=args.quick,
+        target_s=seconds,
+        only=args.only,
+        extras=not args.timing_only,
+    )
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

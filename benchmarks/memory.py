@@ -91,7 +91,7 @@ def measure(workload_name: str, loop_name: str, windows: int, threads: int) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("workload", choices=["mlp", "transformer"])
+    parser.add_argument("workload", choices=["wide_mlp", "transformer", "mlp"])
     parser.add_argument("loop")
     parser.add_argument("windows", type=int, nargs="?", default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
