@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -140,6 +141,12 @@ class CoreMachine(RuleBasedStateMachine):
         assert s.effective_step == self.applied + self.skipped
         assert s.dropped_micro_steps == self.dropped and s.window_items == self.items
         assert s.is_accumulating == (self.micro > 0)
+
+    @invariant()
+    def every_state_passes_the_validators(self) -> None:
+        # The transitions build states without validation; attrs.evolve runs every
+        # validator and __attrs_post_init__ on the same values.
+        assert attrs.evolve(self.state) == self.state
 
     @invariant()
     def round_trip_gives_an_identical_state(self) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import attrs
 
@@ -13,6 +14,8 @@ from ._checks import check_count, check_positive_float
 from ._schedule import Schedule, schedule_from
 
 __all__ = ["AccumConfig", "AccumState", "MicroPlan", "Normalization"]
+
+_T = TypeVar("_T")
 
 
 class Normalization(enum.Enum):
@@ -154,3 +157,49 @@ class MicroPlan:
     """This micro-step closes the window."""
     reduce_grads: bool
     """Gradients should be reduced across processes in this backward."""
+
+
+_KEEP = object()
+
+
+def _unchecked_evolver(cls: type[_T]) -> Callable[..., _T]:
+    """``evolve(instance, **changes)`` for a frozen slotted attrs class, without validators.
+
+    ``attrs.evolve`` runs every validator and ``__attrs_post_init__`` again (about 7 us per
+    call); a transition whose results the property tests prove valid need not. Generated
+    from the class's fields, as attrs generates ``__init__``, so a new field is copied too.
+    """
+    names = [field.name for field in attrs.fields(cast(Any, cls))]
+    params = ", ".join(f"{name}=_KEEP" for name in names)
+    body = "".join(
+        f"    _set(new, {name!r}, instance.{name} if {name} is _KEEP else {name})\n"
+        for name in names
+    )
+    source = f"def evolve(instance, *, {params}):\n    new = _new(_cls)\n{body}    return new\n"
+    scope: dict[str, Any] = {
+        "_KEEP": _KEEP,
+        "_new": object.__new__,
+        "_set": object.__setattr__,
+        "_cls": cls,
+    }
+    exec(compile(source, f"<unchecked evolve of {cls.__qualname__}>", "exec"), scope)
+    evolve: Callable[..., _T] = scope["evolve"]
+    return evolve
+
+
+evolve_state = _unchecked_evolver(AccumState)
+"""``attrs.evolve`` for ``AccumState`` without validation: only for the core's transitions,
+whose results keep the invariants (``property_tests/test_core_machine.py`` re-validates
+every state they produce). User-given values are validated at the edges: ``init``,
+``AccumState(...)``, ``from_dict`` and the transitions' arguments."""
+
+_PLANS: dict[tuple[int, bool, bool], MicroPlan] = {}
+
+
+def micro_plan(loss_divisor: int, boundary: bool, reduce_grads: bool) -> MicroPlan:
+    """The (frozen, so shared) ``MicroPlan`` with these values; built once per combination."""
+    key = (loss_divisor, boundary, reduce_grads)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = MicroPlan(loss_divisor, boundary, reduce_grads)
+    return plan

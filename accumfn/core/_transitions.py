@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import numbers
 
-import attrs
-
 from ..errors import CallOrderError, ConfigError
 from ._checks import check_count
 from ._schedule import StepsSpec
-from ._state import AccumConfig, AccumState, MicroPlan, Normalization
+from ._state import AccumConfig, AccumState, MicroPlan, Normalization, evolve_state, micro_plan
 
 __all__ = [
     "check_state",
@@ -95,14 +93,14 @@ def micro_step(
         )
     taken = state.micro_step + 1
     boundary = is_final_batch or taken >= state.window
-    new_state = attrs.evolve(
+    new_state = evolve_state(
         state,
         micro_step=taken,
         window_norm=norm,
         window_items=state.window_items + (items or 0),
         total_micro_steps=state.total_micro_steps + 1,
     )
-    plan = MicroPlan(
+    plan = micro_plan(
         loss_divisor=state.window if norm is Normalization.MEAN else 1,
         boundary=boundary,
         reduce_grads=boundary or state.config.sync_every_micro_step,
@@ -137,7 +135,7 @@ def close_window(
         steps = state.micro_step if global_micro_steps is None else global_micro_steps
         steps = check_count("the window's micro-steps over all ranks", steps)
         scale = averaged_over * state.window / steps
-    return attrs.evolve(state, closed=True, grad_scale=scale)
+    return evolve_state(state, closed=True, grad_scale=scale)
 
 
 def closes_window(state: AccumState, *, is_final_batch: object = False) -> bool:
@@ -177,8 +175,9 @@ def finish_step(
     if window is None:
         window = window_after(state)
     window = check_count("the next window's size", window)
-    opened = attrs.evolve(
+    return evolve_state(
         state,
+        window=window,
         micro_step=0,
         window_norm=None,
         window_items=0,
@@ -188,12 +187,11 @@ def finish_step(
         skipped_steps=state.skipped_steps + int(not applied),
         last_grad_norm=grad_norm,
     )
-    return opened if window == opened.window else attrs.evolve(opened, window=window)
 
 
 def _reopen(state: AccumState) -> AccumState:
     window = state.config.schedule.window(state.epoch, state.effective_step)
-    return state if window == state.window else attrs.evolve(state, window=window)
+    return state if window == state.window else evolve_state(state, window=window)
 
 
 def start_epoch(state: AccumState) -> tuple[AccumState, int]:
@@ -206,7 +204,7 @@ def start_epoch(state: AccumState) -> tuple[AccumState, int]:
             "the window is closed: call apply_step(...) before starting a new epoch."
         )
     dropped = state.micro_step
-    fresh = attrs.evolve(
+    fresh = evolve_state(
         state,
         epoch=state.epoch + 1,
         micro_step=0,
