@@ -7,6 +7,7 @@ parameters no optimizer owns.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 import weakref
@@ -30,6 +31,7 @@ __all__ = [
     "check_steppable",
     "claim_scaler",
     "enabled",
+    "param_set",
     "warn_untracked",
     "window_params",
 ]
@@ -75,7 +77,22 @@ def as_optimizers(optimizer: object, *, hint: str = "") -> tuple[torch.optim.Opt
 
 def _required_args(fn: Callable[..., object], *, skip: int = 0) -> list[str]:
     """Names of the arguments ``fn`` cannot be called without ([] when it cannot be told),
-    after the first ``skip`` ones."""
+    after the first ``skip`` ones. A method's answer is its class function's, kept."""
+    if inspect.ismethod(fn) and inspect.isfunction(fn.__func__):
+        return _function_required_args(fn.__func__, skip + 1)
+    if inspect.isfunction(fn) and "<locals>" not in fn.__qualname__:
+        return _function_required_args(fn, skip)
+    return _signature_required_args(fn, skip)
+
+
+@functools.cache
+def _function_required_args(fn: Callable[..., object], skip: int) -> list[str]:
+    """``_signature_required_args`` for a module- or class-level function: asked once, as
+    ``inspect.signature`` costs tens of microseconds and a window step asks every time."""
+    return _signature_required_args(fn, skip)
+
+
+def _signature_required_args(fn: Callable[..., object], skip: int) -> list[str]:
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -137,11 +154,65 @@ def as_schedulers(scheduler: object) -> tuple[Callable[[], object], ...]:
     return tuple(steps)
 
 
+class ParamSet:
+    """A window's parameters: all of them, and each optimizer's (read-only lists)."""
+
+    __slots__ = ("key", "others", "params", "per_optimizer")
+
+    def __init__(
+        self,
+        key: tuple[tuple[tuple[int, int], ...], ...],
+        optimizers: Sequence[torch.optim.Optimizer],
+        per_optimizer: list[list[torch.Tensor]],
+    ) -> None:
+        self.key = key
+        self.others = tuple(weakref.ref(optimizer) for optimizer in optimizers[1:])
+        self.per_optimizer = per_optimizer
+        self.params = [param for params in per_optimizer for param in params]
+
+
+def _groups_key(
+    optimizers: Sequence[torch.optim.Optimizer],
+) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Changes when a param group is added or a group's ``params`` list replaced or resized."""
+    return tuple(
+        tuple((id(group["params"]), len(group["params"])) for group in optimizer.param_groups)
+        for optimizer in optimizers
+    )
+
+
+_param_sets: weakref.WeakKeyDictionary[torch.optim.Optimizer, ParamSet] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def param_set(optimizers: Sequence[torch.optim.Optimizer]) -> ParamSet:
+    """The window's parameter set, resolved once per optimizer set and kept until its param
+    groups change; ConfigError if two optimizers share a parameter."""
+    key = _groups_key(optimizers)
+    found = _param_sets.get(optimizers[0])
+    if (
+        found is not None
+        and found.key == key
+        and len(found.others) == len(optimizers) - 1
+        and all(ref() is other for ref, other in zip(found.others, optimizers[1:], strict=True))
+    ):
+        return found
+    per_optimizer = _resolve(optimizers)
+    found = _param_sets[optimizers[0]] = ParamSet(key, optimizers, per_optimizer)
+    return found
+
+
 def window_params(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.Tensor]:
     """The window's parameter set; ConfigError if two optimizers share a parameter."""
+    return param_set(optimizers).params
+
+
+def _resolve(optimizers: Sequence[torch.optim.Optimizer]) -> list[list[torch.Tensor]]:
     owner: dict[int, int] = {}
-    params: list[torch.Tensor] = []
+    params: list[list[torch.Tensor]] = []
     for index, optimizer in enumerate(optimizers):
+        params.append([])
         for param in optimizer_params(optimizer):
             first = owner.setdefault(id(param), index)
             if first != index:
@@ -150,7 +221,7 @@ def window_params(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.Ten
                     f"optimizer {index}: it would be unscaled, clipped and stepped twice. Give "
                     f"each parameter to one optimizer."
                 )
-            params.append(param)
+            params[-1].append(param)
     return params
 
 

@@ -51,7 +51,8 @@ class AccumulationStats:
     is_accumulating: bool
     """True while the open window holds unapplied gradients."""
     last_grad_norm: float
-    """Pre-clip gradient norm of the last window; nan before the first one."""
+    """Pre-clip gradient norm of the last window; nan before the first one, and when no
+    norm is computed (no clipping, no ``skip_nonfinite`` and ``track_grad_norm=False``)."""
     skipped_steps: int = 0
     """Windows skipped for non-finite gradients (GradScaler or ``skip_nonfinite``)."""
 
@@ -71,6 +72,11 @@ class GradientAccumulator:
     If the optimizer or scheduler still raises in a step, ``accumulate`` raises
     ``StepError`` and the accumulator continues from the next window (the failed one
     counted as skipped, or as applied if every optimizer had stepped).
+
+    ``stats.last_grad_norm`` is the pre-clip norm of the last window when a norm is
+    computed: with clipping (``max_grad_norm``, on by default), ``skip_nonfinite``, or
+    ``track_grad_norm=True``; without them no norm is computed and it reads nan. It stays
+    on the device until read (one host-device sync, at the read).
     """
 
     def __init__(
@@ -85,12 +91,15 @@ class GradientAccumulator:
         scheduler: Schedulers | None = None,
         skip_nonfinite: bool = False,
         sync_every_micro_step: bool = False,
+        track_grad_norm: bool = False,
     ) -> None:
         optimizers = as_optimizers(optimizer)
         check_steppable(optimizers)
         as_schedulers(scheduler)
         check_scaler(scaler)
         check_fp16_with_scaler(window_params(optimizers), scaler, grads=False)
+        if not isinstance(track_grad_norm, bool):
+            raise ConfigError(f"track_grad_norm must be True or False, got {track_grad_norm!r}.")
         check_conflict(accumulation_steps, trainer)
         if trainer is not None and trainer_accumulation(trainer) is None:
             raise ConfigError(
@@ -113,6 +122,7 @@ class GradientAccumulator:
         self._lightning = trainer is not None and accumulation_steps == 1
         self._lightning_calls = 0
         self._norm: torch.Tensor | None = None
+        self._track_grad_norm = track_grad_norm
         self._model: nn.Module | None = None
 
     # -- the step ---------------------------------------------------------------------------
@@ -158,7 +168,7 @@ class GradientAccumulator:
             if window is None:  # closes_window mirrors micro_step; never reached
                 window = prepare_step(state, self.optimizer, model, self.scaler, self.scheduler)
             try:
-                report = run_step(state, window, model)
+                report = run_step(state, window, model, grad_norm=self._track_grad_norm)
             except StepError as exc:
                 self._state = exc.state
                 self._norm = None

@@ -12,18 +12,11 @@ from torch.amp import GradScaler
 
 from . import _distributed as distributed
 from . import core
-from ._grads import (
-    check_scaler,
-    clip_grads_,
-    grad_norm,
-    optimizer_params,
-    params_with_grads,
-    scale_grads_,
-    zero_grads_,
-)
+from ._grads import check_scaler, clip_, grads_of, norm_of, scale_, zero_grads_
 from ._window import (
     LRScheduler,
     Optimizers,
+    ParamSet,
     Schedulers,
     as_optimizers,
     as_schedulers,
@@ -31,8 +24,8 @@ from ._window import (
     check_steppable,
     claim_scaler,
     enabled,
+    param_set,
     warn_untracked,
-    window_params,
 )
 from .core import AccumState
 from .errors import CallOrderError, ConfigError, StepError
@@ -58,7 +51,9 @@ class StepReport:
     applied: bool
     """The optimizer(s) stepped (False: the window was skipped for non-finite gradients)."""
     grad_norm: torch.Tensor | None
-    """Pre-clip norm of the window's (unscaled, normalized) gradients."""
+    """Pre-clip norm of the window's (unscaled, normalized) gradients: computed when
+    something uses it (clipping, ``skip_nonfinite``, the GradScaler's check across several
+    optimizers) or ``grad_norm=True`` asked for it; else None, and no norm is computed."""
 
 
 def check_model(model: object, *, optional: bool = False, hint: str = _ORDER) -> None:
@@ -75,6 +70,7 @@ class _Window:
     schedulers: tuple[Callable[[], object], ...]
     scaler: GradScaler | None
     next_window: int
+    params: ParamSet
 
 
 def prepare_step(
@@ -92,12 +88,12 @@ def prepare_step(
     assert scaler is None or isinstance(scaler, GradScaler)
     schedulers = as_schedulers(scheduler)
     check_steppable(optimizers)
-    params = window_params(optimizers)
-    check_fp16_with_scaler(params, scaler, grads=True)
+    params = param_set(optimizers)
+    check_fp16_with_scaler(params.params, scaler, grads=True)
     claim_scaler(scaler, optimizers)
     next_window = core.window_after(state)
-    warn_untracked(model, optimizers, params)
-    return _Window(optimizers, schedulers, enabled(scaler), next_window)
+    warn_untracked(model, optimizers, params.params)
+    return _Window(optimizers, schedulers, enabled(scaler), next_window, params)
 
 
 def _scaler_step(optimizer: torch.optim.Optimizer, scaler: GradScaler) -> bool:
@@ -128,30 +124,27 @@ class _Progress:
 
 def _step_optimizers(
     window: _Window,
-    grouped: list[list[torch.Tensor]],
+    has_grads: list[bool],
     norm: torch.Tensor | None,
-    skip_nonfinite: bool,
+    check_finite: bool,
     progress: _Progress,
 ) -> bool:
     """Step every optimizer, or none when the window's gradients are not finite."""
     scaler = window.scaler
-    with_grads = sum(1 for params in grouped if params)
-    # GradScaler decides per optimizer: with several, one read decides for the whole window.
-    check = skip_nonfinite if scaler is None else with_grads > 1
-    if check and norm is not None and not bool(torch.isfinite(norm)):  # one read
+    if check_finite and norm is not None and not bool(torch.isfinite(norm)):  # one read
         if scaler is not None:
             scaler.update()
             progress.scaler_pending = False
         return False
     stepped = True
-    for index, (optimizer, params) in enumerate(zip(window.optimizers, grouped, strict=True)):
+    for index, (optimizer, grads) in enumerate(zip(window.optimizers, has_grads, strict=True)):
         progress.where = f"optimizer {index} ({type(optimizer).__name__}) step()"
-        if scaler is not None and params:
+        if scaler is not None and grads:
             stepped = _scaler_step(optimizer, scaler) and stepped
         else:
             optimizer.step()
         progress.stepped.append(index)
-    if scaler is not None and with_grads:
+    if scaler is not None and any(has_grads):
         progress.where = "GradScaler.update()"
         scaler.update()
         progress.scaler_pending = False
@@ -159,21 +152,30 @@ def _step_optimizers(
 
 
 def _run(
-    state: AccumState, window: _Window, progress: _Progress
+    state: AccumState, window: _Window, progress: _Progress, want_norm: bool
 ) -> tuple[bool, torch.Tensor | None]:
-    grouped = [params_with_grads(optimizer_params(o)) for o in window.optimizers]
-    params = [param for group in grouped for param in group]
-    if window.scaler is not None:
-        for optimizer, group in zip(window.optimizers, grouped, strict=True):
-            if group:
-                window.scaler.unscale_(optimizer)
-                progress.scaler_pending = True
-    scale_grads_(params, state.grad_scale)
-    norm = grad_norm(params)
-    max_norm = state.config.max_grad_norm
-    if max_norm is not None and norm is not None:
-        clip_grads_(params, max_norm, norm)
-    applied = _step_optimizers(window, grouped, norm, state.config.skip_nonfinite, progress)
+    config = state.config
+    scaler = window.scaler
+    clips = config.max_grad_norm is not None
+    grads: list[torch.Tensor] = []
+    has_grads = [True] * len(window.optimizers)  # read only with a GradScaler
+    check_finite = config.skip_nonfinite
+    if scaler is not None or clips or check_finite or want_norm or state.grad_scale != 1.0:
+        grouped = [grads_of(params) for params in window.params.per_optimizer]
+        grads = [grad for group in grouped for grad in group]
+        has_grads = [bool(group) for group in grouped]
+        if scaler is not None:
+            # GradScaler decides per optimizer: with several, one read decides for all.
+            check_finite = sum(has_grads) > 1
+            for optimizer, present in zip(window.optimizers, has_grads, strict=True):
+                if present:
+                    scaler.unscale_(optimizer)
+                    progress.scaler_pending = True
+    scale_(grads, state.grad_scale)
+    norm = norm_of(grads) if clips or check_finite or want_norm else None
+    if config.max_grad_norm is not None and norm is not None:
+        clip_(grads, config.max_grad_norm, norm)
+    applied = _step_optimizers(window, has_grads, norm, check_finite, progress)
     progress.applied = applied
     if applied:
         for index, step in enumerate(window.schedulers):
@@ -189,11 +191,13 @@ def _recover(window: _Window, progress: _Progress) -> None:
         window.scaler.update()  # clears its per-optimizer records for the next window
 
 
-def run_step(state: AccumState, window: _Window, model: nn.Module) -> StepReport:
+def run_step(
+    state: AccumState, window: _Window, model: nn.Module, *, grad_norm: bool = False
+) -> StepReport:
     """Carry out a checked window (see ``step_window``)."""
     progress = _Progress()
     try:
-        applied, norm = _run(state, window, progress)
+        applied, norm = _run(state, window, progress, grad_norm)
     except Exception as exc:
         _recover(window, progress)
         applied = progress.applied
@@ -225,6 +229,7 @@ def step_window(
     *,
     scaler: GradScaler | None = None,
     scheduler: Schedulers | None = None,
+    grad_norm: bool = False,
 ) -> StepReport:
     """Apply a closed window without reading anything back from the device.
 
@@ -236,6 +241,10 @@ def step_window(
     ``skip_nonfinite``; with several optimizers the window is skipped whole), update the
     GradScaler once, step the scheduler(s) only when the window was applied, zero the
     gradients, open the next window.
+
+    The pre-clip norm (``StepReport.grad_norm``, on the device) is computed only when
+    something uses it: clipping, ``skip_nonfinite``, the GradScaler's check across several
+    optimizers, or ``grad_norm=True``; otherwise it is None and no norm is computed.
 
     All or nothing: the arguments, the scheduler's ``step()`` signature, an optimizer that
     needs a closure, fp16 gradients under a GradScaler and the next window's size (the
@@ -250,7 +259,7 @@ def step_window(
             f"stepped=True (this window holds {state.micro_step} of {state.window} micro-steps)."
         )
     window = prepare_step(state, optimizer, model, scaler, scheduler)
-    return run_step(state, window, model)
+    return run_step(state, window, model, grad_norm=grad_norm)
 
 
 def apply_step(
@@ -262,9 +271,12 @@ def apply_step(
 ) -> AccumState:
     """Apply a closed window (see ``step_window``) and record its pre-clip gradient norm.
 
-    Reading the norm is one host-device sync per window; use ``step_window`` to keep it lazy.
+    The norm is always computed and read here: one host-device sync per window. Use
+    ``step_window`` to keep it on the device, or not compute it when nothing uses it.
     """
-    report = step_window(state, optimizer, model, scaler=scaler, scheduler=scheduler)
+    report = step_window(
+        state, optimizer, model, scaler=scaler, scheduler=scheduler, grad_norm=True
+    )
     if report.grad_norm is None:
         return report.state
     return attrs.evolve(report.state, last_grad_norm=float(report.grad_norm))
