@@ -259,14 +259,21 @@ def _buckets(grads: Sequence[torch.Tensor], cap: int) -> Iterator[list[torch.Ten
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, DataParallel] = weakref.WeakKeyDictionary()
+_last: tuple[weakref.ref[nn.Module], DataParallel] | None = None
+"""The model asked about last and its strategy: most runs train one model."""
 
 
 def strategy(model: nn.Module, process_group: dist.ProcessGroup | None = None) -> DataParallel:
     """The model's strategy, resolved on first use (or again when ``process_group`` is new)."""
+    global _last
+    last = _last
+    if last is not None and process_group is None and last[0]() is model:
+        return last[1]
     found = _CACHE.get(model)
     if found is None or (process_group is not None and process_group not in found.groups):
         found = DataParallel(model, process_group)
         _CACHE[model] = found
+    _last = (weakref.ref(model), found)
     return found
 
 

@@ -7,20 +7,18 @@ from typing import cast
 
 import torch
 from torch.amp import GradScaler
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+from torch.utils._foreach_utils import _has_foreach_support
 
 from .errors import ConfigError
 
 __all__ = [
+    "WindowGrads",
     "check_scaler",
-    "clip_",
     "clip_grads_",
     "grad_norm",
     "grads_of",
-    "norm_of",
     "optimizer_params",
     "params_with_grads",
-    "scale_",
     "scale_grads_",
     "zero_grads_",
 ]
@@ -67,102 +65,133 @@ _grads = grads_of
 
 
 def scale_grads_(params: Iterable[torch.Tensor], factor: float) -> None:
-    """Multiply every existing gradient of ``params`` by ``factor`` in place (see ``scale_``)."""
+    """Multiply every existing gradient of ``params`` by ``factor`` in place (see
+    ``WindowGrads.scale_``)."""
     if factor != 1.0:
-        scale_(grads_of(params), factor)
-
-
-def scale_(grads: Sequence[torch.Tensor], factor: float) -> None:
-    """Multiply ``grads`` by ``factor`` in place (no host-device sync; nothing when it is 1).
-
-    fp32/fp64 gradients (dense or sparse) in one foreach call per device and dtype;
-    fp16/bf16 ones are multiplied in fp32 and rounded once, so a factor beyond their range
-    (65504 in fp16) or below their precision never turns them into inf or loses digits.
-    """
-    if factor == 1.0 or not grads:
-        return
-    for (_, dtype), group in _by_device_and_dtype(grads).items():
-        if dtype in _EXACT_DTYPES:
-            torch._foreach_mul_(group, factor)
-        else:
-            for grad in group:
-                grad.copy_(grad.to(torch.float32).mul_(factor))
-
-
-def _by_device_and_dtype(
-    tensors: Sequence[torch.Tensor],
-) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
-    """``tensors`` grouped by device and dtype, in one C++ pass (as torch's clipping does)."""
-    grouped = _group_tensors_by_device_and_dtype([cast(list[torch.Tensor | None], list(tensors))])
-    return {key: cast(list[torch.Tensor], lists[0]) for key, (lists, _) in grouped.items()}
-
-
-def _sparse(grads: Sequence[torch.Tensor]) -> bool:
-    return any([grad.is_sparse for grad in grads])
+        WindowGrads(grads_of(params)).scale_(factor)
 
 
 def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The 2-norm of all gradients of ``params`` as one vector (see ``norm_of``)."""
-    return norm_of(grads_of(params))
-
-
-def norm_of(grads: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The 2-norm of ``grads`` as one vector, on the device (None: no gradients).
-
-    Dense gradients by ``torch.nn.utils.get_total_norm``; a sparse gradient by the values of
-    its coalesced form (an accumulated sparse gradient repeats indices until coalesced).
-    """
-    if not grads:
-        return None
-    if not _sparse(grads):
-        return _total_norm(grads)
-    dense = [g for g in grads if not g.is_sparse]
-    sparse = [g for g in grads if g.is_sparse]
-    device = grads[0].device
-    norms = [torch.linalg.vector_norm(g.coalesce().values()).float().to(device) for g in sparse]
-    if dense:
-        norms.append(_total_norm(dense).float().to(device))
-    total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms))
-    return total
-
-
-def _total_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch.nn.utils.get_total_norm(grads)``, the same operations in the same order,
-    without moving each tensor's norm to the first device when all are on it already."""
-    first_device = grads[0].device
-    grouped = _by_device_and_dtype(grads)
-    norms: list[torch.Tensor] = []
-    for (device, _), group in grouped.items():
-        if _has_foreach_support(group, device):
-            norms.extend(torch._foreach_norm(group, 2.0))
-        else:
-            norms.extend([torch.linalg.vector_norm(g, 2.0) for g in group])
-    if any(device != first_device for device, _ in grouped):
-        norms = [norm.to(first_device) for norm in norms]
-    total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    return total
+    """The 2-norm of all gradients of ``params`` as one vector (see ``WindowGrads.norm``)."""
+    return WindowGrads(grads_of(params)).norm()
 
 
 def clip_grads_(params: Sequence[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
-    """Scale the gradients of ``params`` so their total norm is at most ``max_norm``."""
-    clip_(grads_of(params), max_norm, norm)
+    """Scale the gradients of ``params`` so their total norm ``norm`` is at most ``max_norm``
+    (see ``WindowGrads.clip_``)."""
+    WindowGrads(grads_of(params)).clip_(max_norm, norm)
 
 
-def clip_(grads: Sequence[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
-    """Scale ``grads`` so their total norm ``norm`` is at most ``max_norm``, as
-    ``torch.nn.utils.clip_grads_with_norm_`` does (which takes parameters, and no sparse
-    gradient): the same coefficient, multiplied in per device and dtype."""
-    coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    sparse = _sparse(grads)
-    dense = [g for g in grads if not g.is_sparse] if sparse else list(grads)
-    for (device, _), group in _by_device_and_dtype(dense).items():
-        on_device = coefficient.to(device)
-        if _has_foreach_support(group, device):
-            torch._foreach_mul_(group, on_device)
-        else:
-            for grad in group:
-                grad.mul_(on_device)
-    if sparse:
-        for grad in grads:
-            if grad.is_sparse:
-                grad.mul_(coefficient.to(device=grad.device, dtype=grad.dtype))
+def _by_device_and_dtype(
+    tensors: list[torch.Tensor],
+) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    """``tensors`` grouped by device and dtype in one C++ pass, as torch's clipping groups
+    them (its Python wrapper only adds a ``no_grad`` context, which costs microseconds)."""
+    grouped = torch._C._group_tensors_by_device_and_dtype(
+        [cast(list[torch.Tensor | None], tensors)], False
+    )
+    return {key: cast(list[torch.Tensor], lists[0]) for key, (lists, _) in grouped.items()}
+
+
+class _Group:
+    __slots__ = ("device", "dtype", "foreach", "grads")
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, grads: list[torch.Tensor]):
+        self.device = device
+        self.dtype = dtype
+        self.grads = grads
+        self.foreach = _has_foreach_support(grads, device)
+
+
+class WindowGrads:
+    """A window's gradients (dense and sparse), grouped once by device and dtype for the
+    foreach calls that rescale, measure and clip them: no Python loop over the gradients
+    but the one that reads them, and one that looks for sparse ones."""
+
+    __slots__ = ("_groups", "grads", "sparse")
+
+    def __init__(self, grads: list[torch.Tensor]) -> None:
+        self.grads = grads
+        self.sparse = [g for g in grads if g.is_sparse] if any([g.is_sparse for g in grads]) else []
+        self._groups: list[_Group] | None = None
+
+    def groups(self) -> list[_Group]:
+        """The dense gradients by device and dtype, in torch's order."""
+        if self._groups is None:
+            dense = [g for g in self.grads if not g.is_sparse] if self.sparse else self.grads
+            self._groups = [_Group(d, t, gs) for (d, t), gs in _by_device_and_dtype(dense).items()]
+        return self._groups
+
+    def scale_(self, factor: float) -> None:
+        """Multiply the gradients by ``factor`` in place (no host-device sync; nothing at 1).
+
+        fp32/fp64 dense gradients in one foreach call per device and dtype; fp16/bf16 ones
+        are multiplied in fp32 and rounded once, so a factor beyond their range (65504 in
+        fp16) or below their precision never turns them into inf or loses digits; sparse
+        ones one by one.
+        """
+        if factor == 1.0 or not self.grads:
+            return
+        for group in self.groups():
+            if group.dtype in _EXACT_DTYPES:
+                torch._foreach_mul_(group.grads, factor)
+            else:
+                for grad in group.grads:
+                    grad.copy_(grad.to(torch.float32).mul_(factor))
+        for grad in self.sparse:
+            if grad.dtype in _EXACT_DTYPES:
+                grad.mul_(factor)
+            else:
+                grad.copy_(grad.to(torch.float32).mul_(factor))
+
+    def norm(self) -> torch.Tensor | None:
+        """The 2-norm of all gradients as one vector, on the device (None: no gradients).
+
+        Dense gradients as ``torch.nn.utils.get_total_norm`` computes it (the same
+        operations in the same order); a sparse gradient by the values of its coalesced
+        form (an accumulated sparse gradient repeats indices until coalesced).
+        """
+        if not self.grads:
+            return None
+        if not self.sparse:
+            return self._dense_norm()
+        device = self.grads[0].device
+        norms = [
+            torch.linalg.vector_norm(g.coalesce().values()).float().to(device) for g in self.sparse
+        ]
+        if self.groups():
+            norms.append(self._dense_norm().float().to(device))
+        total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms))
+        return total
+
+    def _dense_norm(self) -> torch.Tensor:
+        groups = self.groups()
+        norms: list[torch.Tensor] = []
+        for group in groups:
+            if group.foreach:
+                norms.extend(torch._foreach_norm(group.grads, 2.0))
+            else:
+                norms.extend([torch.linalg.vector_norm(g, 2.0) for g in group.grads])
+        if any(group.device != groups[0].device for group in groups):
+            # torch moves each norm to the device of the first gradient
+            first = next(g for g in self.grads if not g.is_sparse).device
+            norms = [norm.to(first) for norm in norms]
+        total: torch.Tensor = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        return total
+
+    def clip_(self, max_norm: float, norm: torch.Tensor) -> None:
+        """Scale the gradients so their total norm ``norm`` is at most ``max_norm``, as
+        ``torch.nn.utils.clip_grads_with_norm_`` does (which takes no sparse gradient): the
+        same coefficient, multiplied in per device and dtype."""
+        # max_norm / (norm + 1e-6), computed as torch computes it (Tensor.__rtruediv__),
+        # without its Python wrapper
+        coefficient = torch.clamp((norm + 1e-6).reciprocal() * max_norm, max=1.0)
+        for group in self.groups():
+            on_device = coefficient.to(group.device)
+            if group.foreach:
+                torch._foreach_mul_(group.grads, on_device)
+            else:
+                for grad in group.grads:
+                    grad.mul_(on_device)
+        for grad in self.sparse:
+            grad.mul_(coefficient.to(device=grad.device, dtype=grad.dtype))

@@ -157,49 +157,59 @@ def as_schedulers(scheduler: object) -> tuple[Callable[[], object], ...]:
 class ParamSet:
     """A window's parameters: all of them, and each optimizer's (read-only lists)."""
 
-    __slots__ = ("key", "others", "params", "per_optimizer")
+    __slots__ = ("key", "optimizers", "params", "per_optimizer")
 
     def __init__(
         self,
-        key: tuple[tuple[tuple[int, int], ...], ...],
+        key: tuple[tuple[int, int] | None, ...],
         optimizers: Sequence[torch.optim.Optimizer],
         per_optimizer: list[list[torch.Tensor]],
     ) -> None:
         self.key = key
-        self.others = tuple(weakref.ref(optimizer) for optimizer in optimizers[1:])
+        self.optimizers = (
+            weakref.ref(optimizers[0], _forget(id(optimizers[0]))),
+            *(weakref.ref(optimizer) for optimizer in optimizers[1:]),
+        )
         self.per_optimizer = per_optimizer
         self.params = [param for params in per_optimizer for param in params]
 
+    def covers(self, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+        return len(self.optimizers) == len(optimizers) and all(
+            ref() is optimizer for ref, optimizer in zip(self.optimizers, optimizers, strict=True)
+        )
 
-def _groups_key(
-    optimizers: Sequence[torch.optim.Optimizer],
-) -> tuple[tuple[tuple[int, int], ...], ...]:
+
+def _forget(first: int) -> Callable[[object], None]:
+    def forget(_: object) -> None:
+        _param_sets.pop(first, None)
+
+    return forget
+
+
+def _groups_key(optimizers: Sequence[torch.optim.Optimizer]) -> tuple[tuple[int, int] | None, ...]:
     """Changes when a param group is added or a group's ``params`` list replaced or resized."""
-    return tuple(
-        tuple((id(group["params"]), len(group["params"])) for group in optimizer.param_groups)
-        for optimizer in optimizers
-    )
+    key: list[tuple[int, int] | None] = []
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            params = group["params"]
+            key.append((id(params), len(params)))
+        key.append(None)
+    return tuple(key)
 
 
-_param_sets: weakref.WeakKeyDictionary[torch.optim.Optimizer, ParamSet] = (
-    weakref.WeakKeyDictionary()
-)
+_param_sets: dict[int, ParamSet] = {}
+"""By the id of the set's first optimizer; an entry goes when that optimizer does."""
 
 
 def param_set(optimizers: Sequence[torch.optim.Optimizer]) -> ParamSet:
     """The window's parameter set, resolved once per optimizer set and kept until its param
     groups change; ConfigError if two optimizers share a parameter."""
     key = _groups_key(optimizers)
-    found = _param_sets.get(optimizers[0])
-    if (
-        found is not None
-        and found.key == key
-        and len(found.others) == len(optimizers) - 1
-        and all(ref() is other for ref, other in zip(found.others, optimizers[1:], strict=True))
-    ):
+    found = _param_sets.get(id(optimizers[0]))
+    if found is not None and found.key == key and found.covers(optimizers):
         return found
     per_optimizer = _resolve(optimizers)
-    found = _param_sets[optimizers[0]] = ParamSet(key, optimizers, per_optimizer)
+    found = _param_sets[id(optimizers[0])] = ParamSet(key, optimizers, per_optimizer)
     return found
 
 

@@ -86,15 +86,18 @@ def accumulate(
     ranks that cannot close the window together raise ``RankMismatchError`` on every rank.
     """
     check_loss(loss)
-    check_scaler(scaler)
+    if scaler is not None:
+        check_scaler(scaler)
     new_state, plan = core.micro_step(state, is_final_batch=is_final_batch, num_items=num_items)
     parallel = distributed.strategy(model)
-    reduces = parallel.backward_reduces()
+    plain = parallel.kind == "plain"  # one process, no DDP/FSDP: no sync flag, no header
     totals = None
-    if plan.boundary:
-        totals = parallel.agree(new_state, final=is_final_batch, reduces=reduces)
-        fallback = core.agree(totals)
-    parallel.set_backward_sync(plan.reduce_grads)
+    if not plain:
+        reduces = parallel.backward_reduces()
+        if plan.boundary:
+            totals = parallel.agree(new_state, final=is_final_batch, reduces=reduces)
+            fallback = core.agree(totals)
+        parallel.set_backward_sync(plan.reduce_grads)
     scaled = loss / plan.loss_divisor if plan.loss_divisor != 1 else loss
     if scaler is not None:
         scaled = scaler.scale(scaled)
@@ -108,6 +111,10 @@ def accumulate(
             "itself (on the loss scaled for the window), so remove your loss.backward() call; "
             "the gradients it left are in .grad now (optimizer.zero_grad() clears them)."
         ) from exc
+    if plain:
+        if plan.boundary:
+            return core.close_window(new_state), True
+        return new_state, False
     parallel.backward_done()
     if totals is None:
         parallel.set_forward_sync(core.sync_next_forward(new_state))

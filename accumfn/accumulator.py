@@ -124,6 +124,7 @@ class GradientAccumulator:
         self._norm: torch.Tensor | None = None
         self._track_grad_norm = track_grad_norm
         self._model: nn.Module | None = None
+        self._checked_model: object = None
 
     # -- the step ---------------------------------------------------------------------------
     def prepare(self, model: nn.Module, *, process_group: dist.ProcessGroup | None = None) -> None:
@@ -149,7 +150,9 @@ class GradientAccumulator:
             check_loss(loss)
             self._lightning_calls += 1
             return True
-        check_model(model, hint="")
+        if model is not self._checked_model:
+            check_model(model, hint="")
+            self._checked_model = model
         window = None
         if core.closes_window(self._state, is_final_batch=is_final_batch):
             # The step's checks, before the backward: an error here changes nothing.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 
 import attrs
@@ -12,7 +13,7 @@ from torch.amp import GradScaler
 
 from . import _distributed as distributed
 from . import core
-from ._grads import check_scaler, clip_, grads_of, norm_of, scale_, zero_grads_
+from ._grads import WindowGrads, check_scaler, grads_of, zero_grads_
 from ._window import (
     LRScheduler,
     Optimizers,
@@ -62,15 +63,32 @@ def check_model(model: object, *, optional: bool = False, hint: str = _ORDER) ->
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}.")
 
 
-@attrs.frozen
 class _Window:
     """A closed window's step, checked whole: what it covers and the window after it."""
 
-    optimizers: tuple[torch.optim.Optimizer, ...]
-    schedulers: tuple[Callable[[], object], ...]
-    scaler: GradScaler | None
-    next_window: int
-    params: ParamSet
+    __slots__ = ("next_window", "optimizers", "params", "scaler", "schedulers")
+
+    def __init__(
+        self,
+        optimizers: tuple[torch.optim.Optimizer, ...],
+        schedulers: tuple[Callable[[], object], ...],
+        scaler: GradScaler | None,
+        next_window: int,
+        params: ParamSet,
+    ) -> None:
+        self.optimizers = optimizers
+        self.schedulers = schedulers
+        self.scaler = scaler
+        self.next_window = next_window
+        self.params = params
+
+
+_checked: tuple[weakref.ref[nn.Module], tuple[weakref.ref[torch.optim.Optimizer], ...]] | None = (
+    None
+)
+"""The model and optimizers of the last window checked without a GradScaler: the checks
+that depend on nothing else (types, duplicates, step signatures, the warning about
+untracked parameters) need not run again for them."""
 
 
 def prepare_step(
@@ -79,8 +97,26 @@ def prepare_step(
     """Check everything the step that ends ``state``'s window needs; change nothing.
 
     The window may still be open: ``GradientAccumulator`` checks before the boundary's
-    backward.
+    backward. Checks that depend only on the model and optimizers run again only when
+    they change; the parameter groups and the schedule are asked every time.
     """
+    global _checked
+    checked = _checked
+    if scaler is None and checked is not None and checked[0]() is model:
+        refs = checked[1]
+        optimizers: tuple[torch.optim.Optimizer, ...] | None = None
+        if len(refs) == 1 and refs[0]() is optimizer:
+            optimizers = (optimizer,)  # type: ignore[assignment]
+        elif (
+            isinstance(optimizer, (list, tuple))
+            and len(optimizer) == len(refs)
+            and all(ref() is item for ref, item in zip(refs, optimizer, strict=True))
+        ):
+            optimizers = tuple(optimizer)
+        if optimizers is not None:
+            schedulers = () if scheduler is None else as_schedulers(scheduler)
+            params = param_set(optimizers)
+            return _Window(optimizers, schedulers, None, core.window_after(state), params)
     optimizers = as_optimizers(optimizer, hint=_ORDER)
     check_model(model)
     check_scaler(scaler)
@@ -93,6 +129,8 @@ def prepare_step(
     claim_scaler(scaler, optimizers)
     next_window = core.window_after(state)
     warn_untracked(model, optimizers, params.params)
+    if scaler is None:
+        _checked = (weakref.ref(model), tuple(weakref.ref(o) for o in optimizers))
     return _Window(optimizers, schedulers, enabled(scaler), next_window, params)
 
 
@@ -114,12 +152,25 @@ def _scaler_step(optimizer: torch.optim.Optimizer, scaler: GradScaler) -> bool:
 class _Progress:
     """How far a step got, for the message when something in it raises."""
 
+    __slots__ = ("applied", "index", "phase", "scaler_pending", "stepped")
+
     def __init__(self) -> None:
-        self.where = "unscaling and clipping the gradients"
+        self.phase = "grads"
+        self.index = 0
         self.stepped: list[int] = []
         self.applied = False
         self.scaler_pending = False
         """The GradScaler holds unscale records that only ``update()`` clears."""
+
+    def where(self, window: _Window) -> str:
+        if self.phase == "optimizer":
+            name = type(window.optimizers[self.index]).__name__
+            return f"optimizer {self.index} ({name}) step()"
+        if self.phase == "scheduler":
+            return f"scheduler {self.index} step()"
+        if self.phase == "update":
+            return "GradScaler.update()"
+        return "unscaling and clipping the gradients"
 
 
 def _step_optimizers(
@@ -137,15 +188,16 @@ def _step_optimizers(
             progress.scaler_pending = False
         return False
     stepped = True
+    progress.phase = "optimizer"
     for index, (optimizer, grads) in enumerate(zip(window.optimizers, has_grads, strict=True)):
-        progress.where = f"optimizer {index} ({type(optimizer).__name__}) step()"
+        progress.index = index
         if scaler is not None and grads:
             stepped = _scaler_step(optimizer, scaler) and stepped
         else:
             optimizer.step()
         progress.stepped.append(index)
     if scaler is not None and any(has_grads):
-        progress.where = "GradScaler.update()"
+        progress.phase = "update"
         scaler.update()
         progress.scaler_pending = False
     return stepped
@@ -157,12 +209,14 @@ def _run(
     config = state.config
     scaler = window.scaler
     clips = config.max_grad_norm is not None
-    grads: list[torch.Tensor] = []
+    grads = None
     has_grads = [True] * len(window.optimizers)  # read only with a GradScaler
     check_finite = config.skip_nonfinite
     if scaler is not None or clips or check_finite or want_norm or state.grad_scale != 1.0:
         grouped = [grads_of(params) for params in window.params.per_optimizer]
-        grads = [grad for group in grouped for grad in group]
+        grads = WindowGrads(
+            grouped[0] if len(grouped) == 1 else [grad for group in grouped for grad in group]
+        )
         has_grads = [bool(group) for group in grouped]
         if scaler is not None:
             # GradScaler decides per optimizer: with several, one read decides for all.
@@ -171,22 +225,25 @@ def _run(
                 if present:
                     scaler.unscale_(optimizer)
                     progress.scaler_pending = True
-    scale_(grads, state.grad_scale)
-    norm = norm_of(grads) if clips or check_finite or want_norm else None
-    if config.max_grad_norm is not None and norm is not None:
-        clip_(grads, config.max_grad_norm, norm)
+    norm = None
+    if grads is not None:
+        grads.scale_(state.grad_scale)
+        norm = grads.norm() if clips or check_finite or want_norm else None
+        if config.max_grad_norm is not None and norm is not None:
+            grads.clip_(config.max_grad_norm, norm)
     applied = _step_optimizers(window, has_grads, norm, check_finite, progress)
     progress.applied = applied
-    if applied:
+    if applied and window.schedulers:
+        progress.phase = "scheduler"
         for index, step in enumerate(window.schedulers):
-            progress.where = f"scheduler {index} step()"
+            progress.index = index
             step()
     return applied, norm
 
 
 def _recover(window: _Window, progress: _Progress) -> None:
     """After a failed step: drop the window's gradients, let the GradScaler start afresh."""
-    zero_grads_(list(window.optimizers))
+    zero_grads_(window.optimizers)
     if window.scaler is not None and progress.scaler_pending:
         window.scaler.update()  # clears its per-optimizer records for the next window
 
@@ -208,17 +265,21 @@ def run_step(
             if progress.stepped and not applied
             else ""
         )
+        where = progress.where(window)
         raise StepError(
-            f"the window's step failed in {progress.where}: {type(exc).__name__}: {exc}. The "
+            f"the window's step failed in {where}: {type(exc).__name__}: {exc}. The "
             f"window was closed as {'applied' if applied else 'skipped'} (its gradients "
             f"zeroed, the GradScaler updated) and the next one opened.{moved} Continue from "
             f"this error's .state (GradientAccumulator does so itself).",
             new_state,
             applied,
         ) from exc
-    zero_grads_(list(window.optimizers))
+    for optimizer in window.optimizers:
+        optimizer.zero_grad(set_to_none=True)
     new_state = core.finish_step(state, applied=applied, window=window.next_window)
-    distributed.set_forward_sync(model, core.sync_next_forward(new_state))
+    parallel = distributed.strategy(model)
+    if parallel.kind != "plain":
+        parallel.set_forward_sync(core.sync_next_forward(new_state))
     return StepReport(state=new_state, applied=applied, grad_norm=norm)
 
 

@@ -1,7 +1,8 @@
 """Per-micro-step CPU time of several loops sharing one model and optimizer.
 
-The loops take turns a window at a time, in an order that rotates from window to window,
-so drift in machine load and in the model's state hits all loops alike. Each micro-step
+The loops take turns a window at a time, in an order that rotates from turn to turn
+(balanced so that every loop runs after every other equally often), so drift in machine
+load and in the model's state hits all loops alike. Each micro-step
 is timed with ``time.thread_time`` (this thread's CPU time: another process taking the
 core does not count). A repeat is ``windows`` consecutive turns of every loop; a loop's
 figure in a repeat is its mean over those windows, and a comparison of two loops is the
@@ -41,8 +42,15 @@ POOL = 4
 
 
 def _order(names: Sequence[str], turn: int) -> list[str]:
-    shift = turn % len(names)
-    return [*names[shift:], *names[:shift]]
+    """The order of the loops in ``turn``: a rotation of a base order in which every loop
+    follows every other equally often over the turns (a Williams design), so no loop
+    always runs after the same one; reversed on odd turns when the count is odd."""
+    count = len(names)
+    base = [0]
+    for step in range(1, count):
+        base.append((step + 1) // 2 if step % 2 else count - step // 2)
+    order = [names[(index + turn) % count] for index in base]
+    return order[::-1] if count % 2 and (turn // count) % 2 else order
 
 
 def _run_window(step: MicroStep, window: Sequence[Batch]) -> list[float]:

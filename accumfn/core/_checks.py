@@ -14,6 +14,8 @@ __all__ = ["check_choice", "check_count", "check_positive_float", "closest"]
 
 def check_count(name: str, value: object, *, minimum: int = 1) -> int:
     """Return ``value`` as an int if it is an integer >= ``minimum``, else raise ConfigError."""
+    if type(value) is int and value >= minimum:  # the usual case, without the ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ConfigError(
             f"{name} must be an int >= {minimum}, got {value!r} of type {type(value).__name__}; "

@@ -10,7 +10,15 @@ import numbers
 from ..errors import CallOrderError, ConfigError
 from ._checks import check_count
 from ._schedule import StepsSpec
-from ._state import AccumConfig, AccumState, MicroPlan, Normalization, evolve_state, micro_plan
+from ._state import (
+    AccumConfig,
+    AccumState,
+    MicroPlan,
+    Normalization,
+    evolve_state,
+    micro_plan,
+    state_evolver,
+)
 
 __all__ = [
     "check_state",
@@ -23,6 +31,24 @@ __all__ = [
     "sync_next_forward",
     "window_after",
 ]
+
+# Enum members read through the class cost a metaclass lookup each: read once.
+_MEAN = Normalization.MEAN
+_ITEMS = Normalization.ITEMS
+
+_count_micro_step = state_evolver("micro_step", "window_norm", "window_items", "total_micro_steps")
+_close = state_evolver("closed", "grad_scale")
+_open_next = state_evolver(
+    "window",
+    "micro_step",
+    "window_norm",
+    "window_items",
+    "closed",
+    "grad_scale",
+    "optimizer_steps",
+    "skipped_steps",
+    "last_grad_norm",
+)
 
 
 def init(
@@ -73,7 +99,9 @@ def micro_step(
     state: AccumState, *, is_final_batch: bool = False, num_items: object = None
 ) -> tuple[AccumState, MicroPlan]:
     """Account one micro-batch; return the new state and what the shell must do for it."""
-    if check_state(state).closed:
+    if not isinstance(state, AccumState):
+        check_state(state)
+    if state.closed:
         raise CallOrderError(
             "the window is closed: call apply_step(state, optimizer, model, ...) before "
             "accumulating the next micro-batch."
@@ -83,8 +111,8 @@ def micro_step(
             f"is_final_batch must be True or False, got {is_final_batch!r}; pass e.g. "
             f"is_final_batch=(batch_idx == len(dataloader) - 1)."
         )
-    items = _items(num_items)
-    norm = Normalization.MEAN if items is None else Normalization.ITEMS
+    items = None if num_items is None else _items(num_items)
+    norm = _MEAN if items is None else _ITEMS
     if state.window_norm is not None and norm is not state.window_norm:
         given = "without num_items" if items is None else f"with num_items={items}"
         raise ConfigError(
@@ -93,17 +121,13 @@ def micro_step(
         )
     taken = state.micro_step + 1
     boundary = is_final_batch or taken >= state.window
-    new_state = evolve_state(
-        state,
-        micro_step=taken,
-        window_norm=norm,
-        window_items=state.window_items + (items or 0),
-        total_micro_steps=state.total_micro_steps + 1,
+    new_state = _count_micro_step(
+        state, taken, norm, state.window_items + (items or 0), state.total_micro_steps + 1
     )
     plan = micro_plan(
-        loss_divisor=state.window if norm is Normalization.MEAN else 1,
-        boundary=boundary,
-        reduce_grads=boundary or state.config.sync_every_micro_step,
+        state.window if norm is _MEAN else 1,
+        boundary,
+        boundary or state.config.sync_every_micro_step,
     )
     return new_state, plan
 
@@ -127,7 +151,7 @@ def close_window(
     if check_state(state).closed or state.micro_step == 0:
         raise CallOrderError("close_window needs an open window with at least one micro-step.")
     averaged_over = check_count("averaged_over", averaged_over)
-    if state.window_norm is Normalization.ITEMS:
+    if state.window_norm is _ITEMS:
         total = state.window_items if global_items is None else global_items
         total = check_count("the window's total num_items", total)
         scale = averaged_over / total
@@ -135,7 +159,7 @@ def close_window(
         steps = state.micro_step if global_micro_steps is None else global_micro_steps
         steps = check_count("the window's micro-steps over all ranks", steps)
         scale = averaged_over * state.window / steps
-    return evolve_state(state, closed=True, grad_scale=scale)
+    return _close(state, True, scale)
 
 
 def closes_window(state: AccumState, *, is_final_batch: object = False) -> bool:
@@ -175,17 +199,17 @@ def finish_step(
     if window is None:
         window = window_after(state)
     window = check_count("the next window's size", window)
-    return evolve_state(
+    return _open_next(
         state,
-        window=window,
-        micro_step=0,
-        window_norm=None,
-        window_items=0,
-        closed=False,
-        grad_scale=1.0,
-        optimizer_steps=state.optimizer_steps + int(applied),
-        skipped_steps=state.skipped_steps + int(not applied),
-        last_grad_norm=grad_norm,
+        window,
+        0,
+        None,
+        0,
+        False,
+        1.0,
+        state.optimizer_steps + int(applied),
+        state.skipped_steps + int(not applied),
+        grad_norm,
     )
 
 
