@@ -34,6 +34,8 @@ TIMED: dict[str, list[str]] = {
     "transformer": [*ACCUMFN, *PEERS],
 }
 """Workloads timed, and the loops timed beside ``hand`` and ``hand_control`` on each."""
+LONGER = {"linears50": 2.0, "tensors100": 2.0, "tensors1000": 4.0, "transformer": 3.0}
+"""Workloads whose windows are long or noisy get this many times the CPU time per repeat."""
 QUICK = ["linear", "mlp", "tensors10"]
 PAIRS = [
     ("hand_control", "hand"),
@@ -113,7 +115,7 @@ def run_all(
             workload(name),
             loops,
             repeats=repeats,
-            target_s=target_s,
+            target_s=target_s * LONGER.get(name, 1.0),
             warmup=1 if quick else 2,
             min_windows=1 if quick else 3,
         )
