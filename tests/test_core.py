@@ -194,3 +194,26 @@ def test_bad_config(kwargs: dict[str, object], match: str) -> None:
 def test_callable_schedule_bad_value() -> None:
     with pytest.raises(ConfigError, match="returned 0 for effective step 0"):
         core.init(lambda step: 0)
+
+
+def test_transitions_return_frozen_states_of_the_real_class() -> None:
+    import pickle
+
+    import attrs
+
+    state = core.init(2, max_grad_norm=1.0)
+    states = [state]
+    for _ in range(2):
+        state, _ = core.micro_step(state)
+        states.append(state)
+    state = core.close_window(state)
+    states.append(state)
+    states.append(core.finish_step(state, applied=True, grad_norm=0.5))
+    states.append(core.start_epoch(states[-1])[0])
+    for one in states:
+        assert type(one) is core.AccumState
+        assert attrs.evolve(one) == one  # every validator passes on the same values
+        assert pickle.loads(pickle.dumps(one)) == one and hash(one.config) == hash(state.config)
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            one.micro_step = 5  # type: ignore[misc]
+    assert states[-2].last_grad_norm == 0.5 and states[-2].optimizer_steps == 1
