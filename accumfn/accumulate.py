@@ -85,7 +85,8 @@ def accumulate(
     backward): a short final window is rescaled by its micro-steps over all ranks, and
     ranks that cannot close the window together raise ``RankMismatchError`` on every rank.
     """
-    check_loss(loss)
+    if not (type(loss) is torch.Tensor and loss.requires_grad and loss.ndim == 0):
+        check_loss(loss)  # raises, saying what is wrong
     if scaler is not None:
         check_scaler(scaler)
     new_state, plan = core.micro_step(state, is_final_batch=is_final_batch, num_items=num_items)

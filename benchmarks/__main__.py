@@ -34,7 +34,14 @@ TIMED: dict[str, list[str]] = {
     "transformer": [*ACCUMFN, *PEERS],
 }
 """Workloads timed, and the loops timed beside ``hand`` and ``hand_control`` on each."""
-LONGER = {"linears50": 2.0, "tensors100": 2.0, "tensors1000": 4.0, "transformer": 3.0}
+LONGER = {
+    "mlp": 3.0,
+    "mlp_noclip": 3.0,
+    "linears50": 2.0,
+    "tensors100": 2.0,
+    "tensors1000": 4.0,
+    "transformer": 8.0,
+}
 """Workloads whose windows are long or noisy get this many times the CPU time per repeat."""
 QUICK = ["linear", "mlp", "tensors10"]
 PAIRS = [

@@ -189,8 +189,9 @@ def state_evolver(*changed: str) -> Callable[..., AccumState]:
     body = "".join(
         f"    new.{name} = {name if name in changed else 'state.' + name}\n" for name in _FIELDS
     )
+    # The helpers are bound as defaults: read from the frame, not from a globals dict.
     source = (
-        f"def evolve(state, {', '.join(changed)}):\n"
+        f"def evolve(state, {', '.join(changed)}, _new=_new, _draft=_draft, _cls=_cls):\n"
         f"    new = _new(_draft)\n{body}    new.__class__ = _cls\n    return new\n"
     )
     scope: dict[str, Any] = {"_new": object.__new__, "_draft": _DraftState, "_cls": AccumState}
