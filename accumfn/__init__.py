@@ -4,7 +4,7 @@ Functional core (``init``, ``accumulate``, ``apply_step``) over an immutable ``A
 and the ``GradientAccumulator`` object API built on it.
 """
 
-from .accumulate import accumulate, check_loss, micro_step_context, prepare_forward
+from .accumulate import accumulate, check_loss, flush, micro_step_context, prepare_forward
 from .accumulator import AccumulationStats, GradientAccumulator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import AccumulationConfig
@@ -65,6 +65,7 @@ __all__ = [
     "accumulate",
     "apply_step",
     "check_loss",
+    "flush",
     "init",
     "load_checkpoint",
     "micro_step_context",

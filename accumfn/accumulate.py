@@ -14,9 +14,9 @@ from . import _distributed as distributed
 from . import core
 from ._grads import check_scaler
 from .core import AccumState
-from .errors import LossError
+from .errors import CallOrderError, ConfigError, LossError
 
-__all__ = ["accumulate", "check_loss", "micro_step_context", "prepare_forward"]
+__all__ = ["accumulate", "check_loss", "flush", "micro_step_context", "prepare_forward"]
 
 
 def check_loss(loss: object) -> torch.Tensor:
@@ -121,3 +121,46 @@ def accumulate(
         averaged_over=parallel.world,
     )
     return new_state, True
+
+
+def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
+    """Close the open window after the last micro-batch; return (state, stepped).
+
+    For loaders of unknown length (``IterableDataset``, streams), where
+    ``is_final_batch`` cannot be known in advance: call it once after the loop, then
+    ``apply_step`` when ``stepped``. The window is closed as a short one (N/k in mean mode,
+    the global item count in item mode); under DDP accumfn averages its gradients. With no
+    window open it returns ``(state, False)`` and changes nothing. Under data parallelism
+    every rank must call it (one small all-reduce); ranks whose windows differ in being
+    open raise ``RankMismatchError`` on every rank. FSDP2 keeps an open window's gradients
+    to itself until a backward syncs, so there it needs ``sync_every_micro_step=True``.
+    """
+    if core.check_state(state).closed:
+        raise CallOrderError(
+            "the window is already closed: call apply_step(state, optimizer, model, ...) "
+            "instead of flush."
+        )
+    parallel = distributed.strategy(model)
+    reduced = parallel.kind == "plain" or (
+        state.config.sync_every_micro_step and parallel.kind in ("ddp", "fsdp2")
+    )
+    totals = parallel.agree(state, final=True, reduces=reduced)
+    if totals.open == 0:
+        return state, False
+    fallback = core.agree(totals)
+    if parallel.kind == "fsdp2" and fallback:
+        raise ConfigError(
+            "flush under FSDP2 needs sync_every_micro_step=True: FSDP2 keeps an open "
+            "window's gradients unsharded inside its parameters until a backward syncs them, "
+            "out of accumfn's reach. Build the state with sync_every_micro_step=True, or pass "
+            "is_final_batch=True on the last micro-batch."
+        )
+    if fallback:
+        parallel.mean_reduce_grads_()
+    closed = core.close_window(
+        state,
+        global_items=totals.items,
+        global_micro_steps=totals.micro_steps,
+        averaged_over=parallel.world,
+    )
+    return closed, True

@@ -24,7 +24,7 @@ from ._window import (
     claim_scaler,
     window_params,
 )
-from .accumulate import accumulate, check_loss, prepare_forward
+from .accumulate import accumulate, check_loss, flush, prepare_forward
 from .core import AccumState
 from .effects import check_model, prepare_step, reset_epoch, run_step
 from .errors import ConfigError, StepError
@@ -166,6 +166,35 @@ class GradientAccumulator:
             self._state = report.state
             self._norm = report.grad_norm
         return stepped
+
+    def flush(self) -> bool:
+        """Close and step the open window after the last micro-batch; True if it stepped.
+
+        For loaders of unknown length: call it after the loop (see ``accumfn.flush``). With
+        no window open it does nothing and returns False; under data parallelism call it on
+        every rank. Under Lightning management it does nothing.
+        """
+        if self._lightning or self._model is None:
+            return False
+        model = self._model
+        window = None
+        if self._state.is_accumulating:
+            window = prepare_step(self._state, self.optimizer, model, self.scaler, self.scheduler)
+        state, stepped = flush(self._state, model)
+        if not stepped:
+            return False
+        self._state = state
+        if window is None:  # another rank's window was open while this one's was not
+            window = prepare_step(state, self.optimizer, model, self.scaler, self.scheduler)
+        try:
+            report = run_step(state, window, model)
+        except StepError as exc:
+            self._state = exc.state
+            self._norm = None
+            raise
+        self._state = report.state
+        self._norm = report.grad_norm
+        return True
 
     def reset_epoch(self) -> None:
         """Start the next epoch (epoch schedules advance).

@@ -161,6 +161,14 @@ def _step_optimizers(
 def _run(
     state: AccumState, window: _Window, progress: _Progress
 ) -> tuple[bool, torch.Tensor | None]:
+    if state.grad_scale == 0:  # an item-mode window without items on any rank
+        warnings.warn(
+            f"the window closed with num_items=0 on every micro-batch of every rank "
+            f"({state.micro_step} micro-batch(es) here): no update was applied and the window "
+            f"counts in skipped_steps, without a scheduler step.",
+            stacklevel=4,
+        )
+        return False, None
     grouped = [params_with_grads(optimizer_params(o)) for o in window.optimizers]
     params = [param for group in grouped for param in group]
     if window.scaler is not None:

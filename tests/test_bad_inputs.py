@@ -383,11 +383,11 @@ ROWS = [
         r"True or False",
     ),
     Row(
-        "`num_items=0`",
-        lambda w: accumulate(w, state=w.fresh, num_items=0),
+        "`num_items=-1`",
+        lambda w: accumulate(w, state=w.fresh, num_items=-1),
         ConfigError,
-        r"num_items must be >= 1, got 0",
-        r">= 1",
+        r"num_items must be >= 0, got -1",
+        r">= 0",
     ),
     Row(
         "`num_items=2.5`",

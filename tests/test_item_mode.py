@@ -34,8 +34,8 @@ def _assert_grads_equal(model: nn.Module, before: list[torch.Tensor | None]) -> 
 
 
 BAD_COUNTS: list[tuple[Any, str]] = [
-    (0, "must be >= 1, got 0"),
-    (-4, "must be >= 1, got -4"),
+    (-1, "must be >= 0, got -1"),
+    (-4, "must be >= 0, got -4"),
     (2.5, "got 2.5 of type float"),
     (3.0, "got 3.0 of type float"),
     ("3", "got '3' of type str"),

@@ -82,7 +82,8 @@ class AccumState:
     closed: bool = False
     """True between the boundary micro-step and ``apply_step``."""
     grad_scale: float = 1.0
-    """Factor ``apply_step`` multiplies the closed window's gradients by."""
+    """Factor ``apply_step`` multiplies the closed window's gradients by (0: a window with
+    no items on any rank, which applies nothing and counts as skipped)."""
     epoch: int = attrs.field(default=0, validator=_non_negative)
     total_micro_steps: int = attrs.field(default=0, validator=_non_negative)
     optimizer_steps: int = attrs.field(default=0, validator=_non_negative)
@@ -103,9 +104,13 @@ class AccumState:
             )
         if self.closed and self.micro_step == 0:
             raise ConfigError("AccumState is closed but its window holds no micro-step.")
-        if not (math.isfinite(self.grad_scale) and self.grad_scale > 0):
+        if not (math.isfinite(self.grad_scale) and self.grad_scale >= 0):
             raise ConfigError(
-                f"AccumState.grad_scale must be a finite number > 0, got {self.grad_scale}."
+                f"AccumState.grad_scale must be a finite number >= 0, got {self.grad_scale}."
+            )
+        if self.grad_scale == 0 and not (self.closed and self.window_norm is Normalization.ITEMS):
+            raise ConfigError(
+                "AccumState.grad_scale is 0 only for a closed item-mode window without items."
             )
         if (self.window_norm is None) != (self.micro_step == 0):
             raise ConfigError(

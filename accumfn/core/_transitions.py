@@ -64,11 +64,11 @@ def _items(num_items: object) -> int | None:
         return None
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
         raise ConfigError(
-            f"num_items must be a Python int >= 1 (the number of items the loss sums over), "
+            f"num_items must be a Python int >= 0 (the number of items the loss sums over), "
             f"got {num_items!r} of type {type(num_items).__name__}; count the items on the host "
             f"(e.g. int((labels != -100).sum()) before moving labels to the device)."
         )
-    return check_count("num_items", num_items)
+    return check_count("num_items", num_items, minimum=0)
 
 
 def micro_step(
@@ -124,15 +124,16 @@ def close_window(
     ``global_micro_steps`` micro-batches over all ranks (``micro_step`` on one process) are
     rescaled by ``averaged_over * N / global_micro_steps``: N/k for a short window of k,
     also when ranks closed it with different k. Item mode: gradients hold the sum over
-    items, rescaled by ``averaged_over / global_items``.
+    items, rescaled by ``averaged_over / global_items``; a window with no item on any rank
+    gets factor 0: the step applies nothing and counts the window as skipped.
     """
     if check_state(state).closed or state.micro_step == 0:
         raise CallOrderError("close_window needs an open window with at least one micro-step.")
     averaged_over = check_count("averaged_over", averaged_over)
     if state.window_norm is Normalization.ITEMS:
         total = state.window_items if global_items is None else global_items
-        total = check_count("the window's total num_items", total)
-        scale = averaged_over / total
+        total = check_count("the window's total num_items", total, minimum=0)
+        scale = averaged_over / total if total else 0.0  # no item anywhere: nothing to apply
     else:
         steps = state.micro_step if global_micro_steps is None else global_micro_steps
         steps = check_count("the window's micro-steps over all ranks", steps)
