@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -26,7 +26,7 @@ from ._window import (
 )
 from .accumulate import accumulate, check_loss, flush, prepare_forward
 from .core import AccumState
-from .effects import check_model, prepare_step, reset_epoch, run_step
+from .effects import check_hooks, check_model, prepare_step, reset_epoch, run_step
 from .errors import ConfigError, StepError
 from .lightning import check_conflict, trainer_accumulation
 
@@ -85,8 +85,11 @@ class GradientAccumulator:
         scheduler: Schedulers | None = None,
         skip_nonfinite: bool = False,
         sync_every_micro_step: bool = False,
+        before_step: Callable[[Optimizers], object] | None = None,
+        clip_value: float | None = None,
     ) -> None:
         optimizers = as_optimizers(optimizer)
+        clip_value = check_hooks(before_step, clip_value)
         check_steppable(optimizers)
         as_schedulers(scheduler)
         check_scaler(scaler)
@@ -109,6 +112,8 @@ class GradientAccumulator:
         self.scaler = scaler
         self.scheduler = scheduler
         self.trainer = trainer
+        self.before_step = before_step
+        self.clip_value = clip_value
         self._state = state
         self._lightning = trainer is not None and accumulation_steps == 1
         self._lightning_calls = 0
@@ -116,6 +121,17 @@ class GradientAccumulator:
         self._model: nn.Module | None = None
 
     # -- the step ---------------------------------------------------------------------------
+    def _prepare_step(self, state: AccumState, model: nn.Module) -> Any:
+        return prepare_step(
+            state,
+            self.optimizer,
+            model,
+            self.scaler,
+            self.scheduler,
+            before_step=self.before_step,
+            clip_value=self.clip_value,
+        )
+
     def prepare(self, model: nn.Module, *, process_group: dist.ProcessGroup | None = None) -> None:
         """Under DDP, call once before the first forward so the first window syncs once.
 
@@ -143,7 +159,7 @@ class GradientAccumulator:
         window = None
         if core.closes_window(self._state, is_final_batch=is_final_batch):
             # The step's checks, before the backward: an error here changes nothing.
-            window = prepare_step(self._state, self.optimizer, model, self.scaler, self.scheduler)
+            window = self._prepare_step(self._state, model)
         self._model = model
         state, stepped = accumulate(
             self._state,
@@ -156,7 +172,7 @@ class GradientAccumulator:
         self._state = state
         if stepped:
             if window is None:  # closes_window mirrors micro_step; never reached
-                window = prepare_step(state, self.optimizer, model, self.scaler, self.scheduler)
+                window = self._prepare_step(state, model)
             try:
                 report = run_step(state, window, model)
             except StepError as exc:
@@ -179,13 +195,13 @@ class GradientAccumulator:
         model = self._model
         window = None
         if self._state.is_accumulating:
-            window = prepare_step(self._state, self.optimizer, model, self.scaler, self.scheduler)
+            window = self._prepare_step(self._state, model)
         state, stepped = flush(self._state, model)
         if not stepped:
             return False
         self._state = state
         if window is None:  # another rank's window was open while this one's was not
-            window = prepare_step(state, self.optimizer, model, self.scaler, self.scheduler)
+            window = self._prepare_step(state, model)
         try:
             report = run_step(state, window, model)
         except StepError as exc:

@@ -15,6 +15,7 @@ from . import core
 from ._grads import (
     check_scaler,
     clip_grads_,
+    clip_grads_by_value_,
     grad_norm,
     optimizer_params,
     params_with_grads,
@@ -35,6 +36,7 @@ from ._window import (
     window_params,
 )
 from .core import AccumState
+from .core._checks import check_positive_float
 from .errors import CallOrderError, ConfigError, StepError
 
 __all__ = [
@@ -75,10 +77,30 @@ class _Window:
     schedulers: tuple[Callable[[], object], ...]
     scaler: GradScaler | None
     next_window: int
+    before_step: Callable[[Optimizers], object] | None = None
+    clip_value: float | None = None
+    given: Optimizers | None = None
+    """The optimizer(s) as the user passed them, for ``before_step``."""
+
+
+def check_hooks(before_step: object, clip_value: object) -> float | None:
+    if before_step is not None and not callable(before_step):
+        raise ConfigError(
+            f"before_step must be a function of the optimizer(s) or None, got "
+            f"{type(before_step).__name__}."
+        )
+    return check_positive_float("clip_value", clip_value, allow_none=True)
 
 
 def prepare_step(
-    state: AccumState, optimizer: object, model: object, scaler: object, scheduler: object
+    state: AccumState,
+    optimizer: object,
+    model: object,
+    scaler: object,
+    scheduler: object,
+    *,
+    before_step: Callable[[Optimizers], object] | None = None,
+    clip_value: float | None = None,
 ) -> _Window:
     """Check everything the step that ends ``state``'s window needs; change nothing.
 
@@ -88,6 +110,7 @@ def prepare_step(
     optimizers = as_optimizers(optimizer, hint=_ORDER)
     check_model(model)
     check_scaler(scaler)
+    clip_value = check_hooks(before_step, clip_value)
     assert isinstance(model, nn.Module)
     assert scaler is None or isinstance(scaler, GradScaler)
     schedulers = as_schedulers(scheduler)
@@ -97,7 +120,15 @@ def prepare_step(
     claim_scaler(scaler, optimizers)
     next_window = core.window_after(state)
     warn_untracked(model, optimizers, params)
-    return _Window(optimizers, schedulers, enabled(scaler), next_window)
+    return _Window(
+        optimizers,
+        schedulers,
+        enabled(scaler),
+        next_window,
+        before_step,
+        clip_value,
+        optimizer,  # type: ignore[arg-type]
+    )
 
 
 def _scaler_step(optimizer: torch.optim.Optimizer, scaler: GradScaler) -> bool:
@@ -177,6 +208,14 @@ def _run(
                 window.scaler.unscale_(optimizer)
                 progress.scaler_pending = True
     scale_grads_(params, state.grad_scale)
+    if window.before_step is not None:
+        progress.where = "before_step"
+        window.before_step(window.given if window.given is not None else window.optimizers[0])
+        progress.where = "clipping the gradients"
+        grouped = [params_with_grads(optimizer_params(o)) for o in window.optimizers]
+        params = [param for group in grouped for param in group]
+    if window.clip_value is not None:
+        clip_grads_by_value_(params, window.clip_value)
     norm = grad_norm(params)
     max_norm = state.config.max_grad_norm
     if max_norm is not None and norm is not None:
@@ -233,6 +272,8 @@ def step_window(
     *,
     scaler: GradScaler | None = None,
     scheduler: Schedulers | None = None,
+    before_step: Callable[[Optimizers], object] | None = None,
+    clip_value: float | None = None,
 ) -> StepReport:
     """Apply a closed window without reading anything back from the device.
 
@@ -244,6 +285,12 @@ def step_window(
     ``skip_nonfinite``; with several optimizers the window is skipped whole), update the
     GradScaler once, step the scheduler(s) only when the window was applied, zero the
     gradients, open the next window.
+
+    ``before_step(optimizer)`` is called once per window with the optimizer(s) as passed,
+    after unscale and rescale and before the value clip, the norm, clipping and the
+    non-finite check: the gradients it sees (and may edit) are those large-batch training
+    would have. ``clip_value`` clamps every gradient entry to ``[-clip_value, clip_value]``
+    there (Lightning's ``gradient_clip_algorithm="value"``); the norm is taken after it.
 
     All or nothing: the arguments, the scheduler's ``step()`` signature, an optimizer that
     needs a closure, fp16 gradients under a GradScaler and the next window's size (the
@@ -257,7 +304,9 @@ def step_window(
             "apply_step needs a closed window: call it only after accumulate(...) returned "
             f"stepped=True (this window holds {state.micro_step} of {state.window} micro-steps)."
         )
-    window = prepare_step(state, optimizer, model, scaler, scheduler)
+    window = prepare_step(
+        state, optimizer, model, scaler, scheduler, before_step=before_step, clip_value=clip_value
+    )
     return run_step(state, window, model)
 
 
@@ -267,12 +316,23 @@ def apply_step(
     model: nn.Module,
     scaler: GradScaler | None = None,
     scheduler: Schedulers | None = None,
+    *,
+    before_step: Callable[[Optimizers], object] | None = None,
+    clip_value: float | None = None,
 ) -> AccumState:
     """Apply a closed window (see ``step_window``) and record its pre-clip gradient norm.
 
     Reading the norm is one host-device sync per window; use ``step_window`` to keep it lazy.
     """
-    report = step_window(state, optimizer, model, scaler=scaler, scheduler=scheduler)
+    report = step_window(
+        state,
+        optimizer,
+        model,
+        scaler=scaler,
+        scheduler=scheduler,
+        before_step=before_step,
+        clip_value=clip_value,
+    )
     if report.grad_norm is None:
         return report.state
     return attrs.evolve(report.state, last_grad_norm=float(report.grad_norm))
