@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import _accum_buffer as buffers
 from . import core
 from .errors import ConfigError, RankMismatchError
 
@@ -164,29 +165,40 @@ class DataParallel:
             all_reduce(header, group, "the window's header (micro-steps, items, flags)")
         return core.WindowTotals.from_sums(header.tolist())
 
-    def mean_reduce_grads_(self) -> None:
+    def mean_reduce_grads_(self, wide: torch.dtype | None = None) -> None:
         """Average gradients over the group bucket by bucket (the fallback reduction).
 
         A gradient that no rank produced stays None, as under DDP and large batch; one that
-        only some ranks produced is reduced with zeros from the others.
+        only some ranks produced is reduced with zeros from the others. With ``wide`` (the
+        accumulation dtype) the wide buffers are reduced where parameters have them.
         """
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params or not self.distributed:
             return
-        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+
+        def source(param: torch.Tensor) -> torch.Tensor | None:
+            buffer = None if wide is None else buffers.buffered(param)
+            return param.grad if buffer is None else buffer
+
+        present = torch.tensor([source(p) is not None for p in params], dtype=torch.int32)
         for group in self.groups:
             all_reduce(present, group, "which parameters have gradients")
         reduced = [p for p, n in zip(params, present.tolist(), strict=True) if n > 0]
+        grads = []
         for param in reduced:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            elif param.grad.is_sparse:
+            grad = source(param)
+            if grad is None and wide is not None and param.dtype != wide:
+                grad = torch.zeros_like(param, dtype=wide)
+                buffers.put(param, grad)
+            elif grad is None:
+                grad = param.grad = torch.zeros_like(param)
+            elif grad.is_sparse:
                 raise ConfigError(
                     "a window closed after a forward that did not sync, and the model has "
                     "sparse gradients, which the fallback reduction cannot average; close "
                     "windows only at their planned size, or use sync_every_micro_step=True."
                 )
-        grads = [cast(torch.Tensor, p.grad) for p in reduced]
+            grads.append(grad)
         for bucket in _buckets(grads, BUCKET_BYTES):
             if len(bucket) == 1 and bucket[0].is_contiguous():
                 # one large gradient: reduce it in place, a bucket-sized slice at a time

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.amp import GradScaler
 
+from . import _accum_buffer as buffers
 from . import _distributed as distributed
 from . import core
 from ._grads import check_scaler
@@ -65,6 +66,21 @@ def micro_step_context(state: AccumState, model: nn.Module) -> Iterator[None]:
     yield
 
 
+def _wide(state: AccumState, parallel: distributed.DataParallel) -> torch.dtype | None:
+    """The accumulation dtype, if the state asks for one (refused under FSDP2)."""
+    name = state.config.accum_dtype
+    if name is None:
+        return None
+    if parallel.kind == "fsdp2":
+        raise ConfigError(
+            "accum_dtype is not for FSDP2, which accumulates an open window's gradients "
+            "inside its own parameters: give fully_shard "
+            "mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32) instead, which sums "
+            "them in fp32 there, and drop accum_dtype."
+        )
+    return buffers.dtype_named(name)
+
+
 def accumulate(
     state: AccumState,
     loss: torch.Tensor,
@@ -89,6 +105,7 @@ def accumulate(
     check_scaler(scaler)
     new_state, plan = core.micro_step(state, is_final_batch=is_final_batch, num_items=num_items)
     parallel = distributed.strategy(model)
+    wide = _wide(state, parallel)
     reduces = parallel.backward_reduces()
     totals = None
     if plan.boundary:
@@ -109,11 +126,15 @@ def accumulate(
             "the gradients it left are in .grad now (optimizer.zero_grad() clears them)."
         ) from exc
     parallel.backward_done()
+    if wide is not None:
+        buffers.stash_(parallel.model.parameters(), wide)
     if totals is None:
         parallel.set_forward_sync(core.sync_next_forward(new_state))
         return new_state, False
     if fallback:
-        parallel.mean_reduce_grads_()
+        parallel.mean_reduce_grads_(wide)
+    if wide is not None:
+        buffers.restore_(parallel.model.parameters())
     new_state = core.close_window(
         new_state,
         global_items=totals.items,
@@ -156,7 +177,9 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
             "is_final_batch=True on the last micro-batch."
         )
     if fallback:
-        parallel.mean_reduce_grads_()
+        parallel.mean_reduce_grads_(_wide(state, parallel))
+    if state.config.accum_dtype is not None:
+        buffers.restore_(parallel.model.parameters())
     closed = core.close_window(
         state,
         global_items=totals.items,

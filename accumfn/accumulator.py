@@ -87,6 +87,7 @@ class GradientAccumulator:
         sync_every_micro_step: bool = False,
         before_step: Callable[[Optimizers], object] | None = None,
         clip_value: float | None = None,
+        accum_dtype: torch.dtype | None = None,
     ) -> None:
         optimizers = as_optimizers(optimizer)
         clip_value = check_hooks(before_step, clip_value)
@@ -106,6 +107,7 @@ class GradientAccumulator:
             batch_size=batch_size,
             skip_nonfinite=skip_nonfinite,
             sync_every_micro_step=sync_every_micro_step,
+            accum_dtype=accum_dtype,
         )
         claim_scaler(scaler, optimizers)
         self.optimizer = optimizer

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.amp import GradScaler
 
+from . import _accum_buffer as buffers
 from . import _distributed as distributed
 from . import core
 from ._grads import (
@@ -351,6 +352,7 @@ def reset_epoch(
     new_state, dropped = core.start_epoch(state)
     if dropped:
         zero_grads_(list(optimizers))
+        buffers.drop(optimizer_params(list(optimizers)))
         warnings.warn(
             f"reset_epoch discarded an open window of {dropped} micro-batch(es); pass "
             f"is_final_batch=True on the epoch's last micro-batch to apply it instead.",

@@ -316,6 +316,16 @@ def _flush_zero_items(rank: int, world: int) -> dict[str, Any]:
     }
 
 
+def _wide_accumulation(rank: int, world: int) -> dict[str, Any]:
+    """accum_dtype under DDP: the wide buffers are reduced once per window by accumfn."""
+    data = ranked_data(23, [[3, 3, 2], [3, 3, 2]], ragged=True)
+    model = DistributedDataParallel(token_model(100))
+    state = accumfn.init(3, accum_dtype=torch.float64)
+    train(model, sgd(model), data[rank], 3, True, state=state)
+    reference = token_model(100)
+    return {"params": full_params(model), "reference": large_batch(reference, sgd(reference), data)}
+
+
 def _exact_worker(rank: int, world: int) -> dict[str, Any]:
     torch.manual_seed(0)
     return {
@@ -327,6 +337,7 @@ def _exact_worker(rank: int, world: int) -> dict[str, Any]:
         "unused-on-one": _unused(rank, (1,)),
         "explicit-group": _explicit_group(rank, world),
         "flush-zero-items": _flush_zero_items(rank, world),
+        "accum-dtype": _wide_accumulation(rank, world),
     }
 
 
@@ -362,12 +373,27 @@ def _fsdp_flush(rank: int, world: int, sync_every: bool) -> dict[str, Any]:
     return {"params": full_params(model), "reference": large_batch(reference, sgd(reference), data)}
 
 
+def _fsdp_accum_dtype(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = token_model(100)
+    fully_shard(model)
+    state = accumfn.init(3, accum_dtype=torch.float32)
+    batch = ranked_data(24, [[1], [1]], ragged=False)[rank][0][0]
+    try:
+        accumfn.accumulate(state, token_loss(model, batch, "mean"), model)
+    except accumfn.AccumError as exc:
+        return _error(exc)
+    return {"type": None}
+
+
 def _mesh_worker(rank: int, world: int) -> dict[str, Any]:
     return {
         "hsdp": _hsdp(rank, world),
         "sub-mesh": _sub_mesh(rank, world),
         "fsdp2-flush-sync-every": _fsdp_flush(rank, world, True),
         "fsdp2-flush-default": _fsdp_flush(rank, world, False),
+        "fsdp2-accum-dtype": _fsdp_accum_dtype(rank, world),
     }
 
 
@@ -385,6 +411,7 @@ EXACT = [
     "unused-on-one",
     "explicit-group",
     "flush-zero-items",
+    "accum-dtype",
 ]
 
 
@@ -452,6 +479,8 @@ def test_fsdp2_flush_is_exact_with_sync_every_micro_step_else_refused(meshes: An
         torch.testing.assert_close(run["params"], run["reference"], rtol=1e-5, atol=1e-6)
         assert result["fsdp2-flush-default"]["type"] == "ConfigError"
         assert "sync_every_micro_step=True" in result["fsdp2-flush-default"]["message"]
+        assert result["fsdp2-accum-dtype"]["type"] == "ConfigError"
+        assert "MixedPrecisionPolicy(reduce_dtype" in result["fsdp2-accum-dtype"]["message"]
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,20 @@ def init(
     batch_size: int = 1,
     skip_nonfinite: bool = False,
     sync_every_micro_step: bool = False,
+    accum_dtype: object = None,
 ) -> AccumState:
-    """A fresh state: epoch 0, no micro-step taken, first window sized by the schedule."""
+    """A fresh state: epoch 0, no micro-step taken, first window sized by the schedule.
+
+    ``accum_dtype=torch.float32`` sums a window's bf16/fp16 gradients in an fp32 buffer per
+    parameter and hands them to the optimizer in the parameter's dtype at the boundary.
+    """
     config = AccumConfig(
         schedule=steps,
         max_grad_norm=max_grad_norm,
         batch_size=batch_size,
         skip_nonfinite=skip_nonfinite,
         sync_every_micro_step=sync_every_micro_step,
+        accum_dtype=accum_dtype,
     )
     return AccumState(config=config, window=config.schedule.window(0, 0))
 
@@ -105,7 +111,8 @@ def micro_step(
     plan = MicroPlan(
         loss_divisor=state.window if norm is Normalization.MEAN else 1,
         boundary=boundary,
-        reduce_grads=boundary or state.config.sync_every_micro_step,
+        reduce_grads=(boundary or state.config.sync_every_micro_step)
+        and state.config.accum_dtype is None,
     )
     return new_state, plan
 
@@ -221,8 +228,11 @@ def start_epoch(state: AccumState) -> tuple[AccumState, int]:
 def sync_next_forward(state: AccumState) -> bool:
     """Whether the next micro-step's backward will reduce gradients (DDP decides at forward).
 
-    True when the next micro-batch fills the window, or with ``sync_every_micro_step``.
+    True when the next micro-batch fills the window, or with ``sync_every_micro_step``;
+    never with ``accum_dtype``, whose wide buffers the shell reduces itself.
     """
+    if state.config.accum_dtype is not None:
+        return False
     if state.config.sync_every_micro_step or state.closed:
         return True
     return state.micro_step + 1 >= state.window
