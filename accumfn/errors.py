@@ -9,6 +9,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "LossError",
+    "MissingDependencyError",
     "StateFormatError",
 ]
 
@@ -39,3 +40,7 @@ class CheckpointError(AccumError, ValueError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """There is no checkpoint file at the path given (also a ``FileNotFoundError``)."""
+
+
+class MissingDependencyError(AccumError, ModuleNotFoundError):
+    """An optional package a feature needs is not installed; the message names the extra."""

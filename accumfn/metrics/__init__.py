@@ -3,10 +3,11 @@
 ``wandb`` is imported only when a ``WandbSink`` is made.
 """
 
+from ..errors import MissingDependencyError
 from ._values import REDUCTIONS, Reduce
 from .sinks import CallableSink, JsonlSink, Sink
 from .tracker import MetricsStepError, MetricsTracker
-from .wandb_sink import MissingDependencyError, WandbSink
+from .wandb_sink import WandbSink
 
 __all__ = [
     "REDUCTIONS",

@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import AccumError
+from .._optional import raise_missing
+from ..errors import MissingDependencyError
 
 __all__ = ["MissingDependencyError", "WandbSink", "import_wandb"]
-
-
-class MissingDependencyError(AccumError, ImportError):
-    """An optional dependency a feature needs is not installed."""
 
 
 def import_wandb() -> Any:
     """Import ``wandb`` or say how to install it."""
     try:
-        return importlib.import_module("wandb")
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "W&B logging needs the wandb package, which is not installed: run "
-            "pip install 'accumfn[wandb]' (or pip install wandb), or pass use_wandb=False "
-            "to log to a JSONL file instead."
-        ) from exc
+        import wandb
+    except ImportError as error:
+        raise_missing(
+            error, "wandb", "wandb", "W&B logging",
+            "or pass use_wandb=False to log to a JSONL file instead",
+        )  # fmt: skip
+    return wandb
 
 
 class WandbSink:
