@@ -16,6 +16,7 @@ from .errors import (
     CheckpointNotFoundError,
     ConfigError,
     LossError,
+    MissingDependencyError,
     StateFormatError,
 )
 from .lightning import AccumulationConflictError
@@ -24,7 +25,7 @@ from .metrics import (
     JsonlSink,
     MetricsStepError,
     MetricsTracker,
-    MissingDependencyError,
+    TensorBoardSink,
     WandbSink,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "Normalization",
     "StateFormatError",
     "StepReport",
+    "TensorBoardSink",
     "WandbSink",
     "__version__",
     "accumulate",
