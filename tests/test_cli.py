@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from accumfn.cli import main
+from accumfn.cli import COMMANDS, _parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,3 +77,55 @@ def test_bad_arguments_say_what_is_wrong(
         main(argv)
     assert exited.value.code == 2
     assert words in capsys.readouterr().err
+
+
+def test_a_target_below_one_micro_batch_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--target", "4", "--batch-size", "8"]) == 0
+    note = capsys.readouterr().out.splitlines()[-1]
+    assert note.startswith("note: target 4 is below one micro-batch")
+    assert "use a batch size of 4" in note
+
+
+def test_every_option_has_a_help_text() -> None:
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == {command.name for command in COMMANDS}
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, f"accumfn {name} {action.option_strings} has no help"
+        assert sub.description, name
+
+
+LIGHT = """
+import json, sys
+from accumfn.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("MODULES " + json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in
+                                     ("torch", "numpy", "wandb", "matplotlib"))))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["demo", "--help"],
+        ["plan", "--help"],
+        ["plan", "--batch-size", "8", "--target", "256", "--devices", "4"],
+        ["plan", "--batch-size", "eight", "--target", "32"],
+        ["demo", "--window", "0"],
+        ["nonsense"],
+    ],
+)
+def test_help_plan_and_argument_errors_do_not_import_torch(argv: list[str]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", LIGHT, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("MODULES ")]
+    assert json.loads(line.removeprefix("MODULES ")) == []
