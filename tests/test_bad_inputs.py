@@ -3,7 +3,7 @@
 Each row asserts the error type, that the message names the problem and the fix, and that
 nothing changed: the states (``to_dict()`` equal), the model's parameters and gradients, the
 optimizer and GradScaler state, the checkpoint files. ``python -m tests.test_bad_inputs``
-prints the README table from the messages the rows actually get.
+prints the table of docs/bad-inputs.md from the messages the rows actually get.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def second_accumulator_on_scaler(world: World) -> None:
 @dataclass(frozen=True)
 class Row:
     bad: str
-    """The bad input, as the README shows it."""
+    """The bad input, as docs/bad-inputs.md shows it."""
     call: Callable[[World], object]
     error: type[BaseException]
     problem: str
@@ -909,7 +909,7 @@ def test_rows_are_distinct() -> None:
 class NonFinite:
     bad: str
     outcome: str
-    """What you get, for the README."""
+    """What you get, for docs/bad-inputs.md."""
     skip_nonfinite: bool
     scaler: bool
     loss_value: float
@@ -977,7 +977,7 @@ def gist_of(message: str, directory: str, limit: int = 220) -> str:
 
 
 def catalogue() -> str:
-    """The README table, from the messages the rows get now."""
+    """The table of docs/bad-inputs.md, from the messages the rows get now."""
     lines = ["| bad input | what you get |", "|---|---|"]
     for row in ROWS:
         with tempfile.TemporaryDirectory() as directory:
