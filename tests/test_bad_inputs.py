@@ -709,7 +709,7 @@ ROWS = [
         "`from_dict`: `grad_scale=nan`",
         lambda w: AccumState.from_dict(w.open_dict(grad_scale=NAN)),
         StateFormatError,
-        r"grad_scale must be a finite number > 0, got nan",
+        r"grad_scale must be a finite number >= 0, got nan",
         r"unchanged",
     ),
     Row(
