@@ -2,7 +2,8 @@
 
 After each backward, a bf16/fp16 gradient is added into an fp32 buffer of its parameter
 and the parameter's ``.grad`` is cleared, so the window's sum is rounded once, at the
-boundary, where the buffer is handed back to ``.grad`` in the parameter's dtype (as
+boundary, where the buffer, rescaled for the window in the wide dtype, is handed back to
+``.grad`` in the parameter's dtype (as
 optax's ``accumulator_dtype``, DeepSpeed's ``gradient_accumulation_dtype`` and Megatron's
 ``main_grad`` do). Gradients already in the wide dtype, and sparse ones, stay in ``.grad``.
 """
@@ -57,12 +58,20 @@ def put(param: torch.Tensor, buffer: torch.Tensor) -> None:
     _BUFFERS[param] = buffer
 
 
-def restore_(params: Iterable[torch.Tensor]) -> None:
-    """Hand each buffer back to ``.grad`` in the parameter's dtype (rounded once)."""
+def restore_(params: Iterable[torch.Tensor], factor: float) -> None:
+    """Hand each buffer back to ``.grad``, multiplied by the window's rescale ``factor`` in
+    the wide dtype and then rounded once to the parameter's dtype (a window's sum that an
+    fp16 gradient cannot hold is divided by its item count before it is rounded).
+
+    Parameters without a buffer (already in the wide dtype, or sparse) get the factor too,
+    so that the step applies none: ``core.rescale_in_step`` is False with ``accum_dtype``.
+    """
     for param in params:
         buffer = take(param)
         if buffer is not None:
-            param.grad = buffer.to(param.dtype)
+            param.grad = buffer.mul_(factor).to(param.dtype)
+        elif param.grad is not None and factor != 1.0:
+            param.grad.mul_(factor)
 
 
 def drop(params: Iterable[torch.Tensor]) -> None:

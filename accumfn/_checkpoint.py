@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.amp import GradScaler
 
 from . import _accum_buffer as buffers
-from ._distributed import all_reduce
+from ._distributed import all_reduce, device_for
 from ._grads import optimizer_params, zero_grads_
 from .core import AccumState, ByStep
 from .errors import CheckpointError, ConfigError, StateFormatError
@@ -342,7 +342,7 @@ def _check_rank(saved: object, resumed: AccumState) -> None:
     ok = here is not None and dict(saved) == here
     everyone = ok
     if here is not None:
-        flag = torch.tensor([int(ok)], dtype=torch.int32)
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=device_for(None))
         all_reduce(flag, None, "whether each rank can resume its checkpoint", op=dist.ReduceOp.MIN)
         everyone = bool(flag.item())
     if everyone:

@@ -133,14 +133,14 @@ def accumulate(
         return new_state, False
     if fallback:
         parallel.mean_reduce_grads_(wide)
-    if wide is not None:
-        buffers.restore_(parallel.model.parameters())
     new_state = core.close_window(
         new_state,
         global_items=totals.items,
         global_micro_steps=totals.micro_steps,
         averaged_over=parallel.world,
     )
+    if wide is not None:
+        buffers.restore_(parallel.model.parameters(), new_state.grad_scale)
     return new_state, True
 
 
@@ -178,12 +178,12 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
         )
     if fallback:
         parallel.mean_reduce_grads_(_wide(state, parallel))
-    if state.config.accum_dtype is not None:
-        buffers.restore_(parallel.model.parameters())
     closed = core.close_window(
         state,
         global_items=totals.items,
         global_micro_steps=totals.micro_steps,
         averaged_over=parallel.world,
     )
+    if state.config.accum_dtype is not None:
+        buffers.restore_(parallel.model.parameters(), closed.grad_scale)
     return closed, True

@@ -22,6 +22,7 @@ from ._window import (
     check_fp16_with_scaler,
     check_steppable,
     claim_scaler,
+    warn_untracked,
     window_params,
 )
 from .accumulate import accumulate, check_loss, flush, prepare_forward
@@ -123,7 +124,7 @@ class GradientAccumulator:
         self._model: nn.Module | None = None
 
     # -- the step ---------------------------------------------------------------------------
-    def _prepare_step(self, state: AccumState, model: nn.Module) -> Any:
+    def _prepare_step(self, state: AccumState, model: nn.Module, *, warn: bool = True) -> Any:
         return prepare_step(
             state,
             self.optimizer,
@@ -132,6 +133,7 @@ class GradientAccumulator:
             self.scheduler,
             before_step=self.before_step,
             clip_value=self.clip_value,
+            warn=warn,
         )
 
     def prepare(self, model: nn.Module, *, process_group: dist.ProcessGroup | None = None) -> None:
@@ -161,7 +163,7 @@ class GradientAccumulator:
         window = None
         if core.closes_window(self._state, is_final_batch=is_final_batch):
             # The step's checks, before the backward: an error here changes nothing.
-            window = self._prepare_step(self._state, model)
+            window = self._prepare_step(self._state, model, warn=False)
         self._model = model
         state, stepped = accumulate(
             self._state,
@@ -175,6 +177,7 @@ class GradientAccumulator:
         if stepped:
             if window is None:  # closes_window mirrors micro_step; never reached
                 window = self._prepare_step(state, model)
+            warn_untracked(model, window.optimizers, window_params(window.optimizers))
             try:
                 report = run_step(state, window, model)
             except StepError as exc:
@@ -185,14 +188,20 @@ class GradientAccumulator:
             self._norm = report.grad_norm
         return stepped
 
-    def flush(self) -> bool:
+    def flush(self, model: nn.Module | None = None) -> bool:
         """Close and step the open window after the last micro-batch; True if it stepped.
 
         For loaders of unknown length: call it after the loop (see ``accumfn.flush``). With
-        no window open it does nothing and returns False; under data parallelism call it on
-        every rank. Under Lightning management it does nothing.
+        no window open it does nothing and returns False. Under data parallelism call it on
+        every rank, with the model (or after ``prepare(model)``) so that a rank that has seen
+        no micro-batch still joins the others. Under Lightning management it does nothing.
         """
-        if self._lightning or self._model is None:
+        if self._lightning:
+            return False
+        if model is not None:
+            check_model(model, hint="")
+            self._model = model
+        if self._model is None:
             return False
         model = self._model
         window = None

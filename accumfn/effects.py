@@ -102,11 +102,13 @@ def prepare_step(
     *,
     before_step: Callable[[Optimizers], object] | None = None,
     clip_value: float | None = None,
+    warn: bool = True,
 ) -> _Window:
     """Check everything the step that ends ``state``'s window needs; change nothing.
 
     The window may still be open: ``GradientAccumulator`` checks before the boundary's
-    backward.
+    backward (with ``warn=False``: parameters outside the optimizers are looked for after
+    it, when FSDP2 has put its sharded parameters back).
     """
     optimizers = as_optimizers(optimizer, hint=_ORDER)
     check_model(model)
@@ -120,7 +122,8 @@ def prepare_step(
     check_fp16_with_scaler(params, scaler, grads=True)
     claim_scaler(scaler, optimizers)
     next_window = core.window_after(state)
-    warn_untracked(model, optimizers, params)
+    if warn:  # after the boundary's backward: FSDP2 holds its sharded parameters again
+        warn_untracked(model, optimizers, params)
     return _Window(
         optimizers,
         schedulers,
@@ -208,20 +211,30 @@ def _run(
             if group:
                 window.scaler.unscale_(optimizer)
                 progress.scaler_pending = True
-    scale_grads_(params, state.grad_scale)
+    if core.rescale_in_step(state):
+        scale_grads_(params, state.grad_scale)
     if window.before_step is not None:
         progress.where = "before_step"
         window.before_step(window.given if window.given is not None else window.optimizers[0])
         progress.where = "clipping the gradients"
         grouped = [params_with_grads(optimizer_params(o)) for o in window.optimizers]
         params = [param for group in grouped for param in group]
+    finite_check = None
     if window.clip_value is not None:
+        # Clamping turns inf into +-clip_value: decide "finite?" on the gradients before it.
+        finite_check = grad_norm(params)
         clip_grads_by_value_(params, window.clip_value)
     norm = grad_norm(params)
     max_norm = state.config.max_grad_norm
     if max_norm is not None and norm is not None:
         clip_grads_(params, max_norm, norm)
-    applied = _step_optimizers(window, grouped, norm, state.config.skip_nonfinite, progress)
+    applied = _step_optimizers(
+        window,
+        grouped,
+        norm if finite_check is None else finite_check,
+        state.config.skip_nonfinite,
+        progress,
+    )
     progress.applied = applied
     if applied:
         for index, step in enumerate(window.schedulers):
@@ -234,7 +247,9 @@ def _recover(window: _Window, progress: _Progress) -> None:
     """After a failed step: drop the window's gradients, let the GradScaler start afresh."""
     zero_grads_(list(window.optimizers))
     if window.scaler is not None and progress.scaler_pending:
-        window.scaler.update()  # clears its per-optimizer records for the next window
+        # Clear its per-optimizer records for the next window without counting the failed
+        # window as a clean step: the scale (and its growth tracker) stay as they were.
+        window.scaler.update(new_scale=window.scaler.get_scale())
 
 
 def run_step(state: AccumState, window: _Window, model: nn.Module) -> StepReport:

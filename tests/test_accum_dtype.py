@@ -82,8 +82,7 @@ def test_accum_dtype_equals_a_hand_written_fp32_buffer_loop_bit_for_bit() -> Non
                 b.add_(p.grad)
                 p.grad = None
         for b, p in zip(buffers, hand.parameters(), strict=True):
-            p.grad = b.to(torch.bfloat16)
-            p.grad.copy_(p.grad.float().mul_(WINDOW / len(window)))
+            p.grad = b.mul(WINDOW / len(window)).to(torch.bfloat16)  # rescaled, rounded once
         hand_opt.step()
         hand_opt.zero_grad(set_to_none=True)
 
@@ -140,3 +139,35 @@ def test_mid_window_checkpoint_holds_the_fp32_buffers() -> None:
 def test_bad_accum_dtype_is_refused(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(accumfn.ConfigError, match=message):
         accumfn.init(4, **kwargs)  # type: ignore[arg-type]
+
+
+def test_fp16_item_mode_window_sum_beyond_fp16_is_divided_before_it_is_rounded() -> None:
+    """A window's item sum an fp16 gradient cannot hold (> 65504) stays finite: the fp32
+    buffer is divided by the window's item count before its one rounding."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1).half()
+    reference = nn.Linear(4, 1)
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(2048, 4, generator=g) * 3, torch.randn(2048, 1, generator=g)) for _ in range(8)
+    ]
+    state = accumfn.init(8, accum_dtype=torch.float32)
+    seen: list[torch.Tensor] = []
+    for x, y in batches:
+        loss = ((model(x.half()).float() - y) ** 2).sum()
+        state, stepped = accumfn.accumulate(state, loss, model, num_items=2048)
+    assert stepped
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    accumfn.apply_step(
+        state,
+        optimizer,
+        model,
+        before_step=lambda _: seen.extend(p.grad.float() for p in model.parameters()),
+    )
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    ((reference(x) - y) ** 2).mean().backward()
+    for got, want in zip(seen, [p.grad for p in reference.parameters()], strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -142,3 +142,34 @@ def test_bad_hooks_are_refused_and_change_nothing(kwargs: dict[str, object], mes
     torch.testing.assert_close([p.detach() for p in model.parameters()], before, rtol=0, atol=0)
     torch.testing.assert_close([p.grad for p in model.parameters()], grads, rtol=0, atol=0)
     assert accumfn.apply_step(state, optimizer, model).optimizer_steps == 1
+
+
+def test_clip_value_does_not_hide_a_non_finite_gradient_from_the_skip() -> None:
+    """Clamping would turn inf into +-clip_value: the window must still be skipped whole."""
+    model = mlp(4)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    accumulator = accumfn.GradientAccumulator(
+        optimizer, 1, max_grad_norm=None, skip_nonfinite=True, clip_value=0.5
+    )
+    x, y = data(4, 4)
+    loss = nn.functional.mse_loss(model(x), y) * torch.tensor(float("inf"))
+    accumulator.accumulate(loss, model)
+    assert accumulator.stats.skipped_steps == 1
+    torch.testing.assert_close([p.detach() for p in model.parameters()], before, rtol=0, atol=0)
+
+
+def test_a_failed_before_step_does_not_grow_the_grad_scaler() -> None:
+    model = mlp(5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)
+
+    def fail(_: torch.optim.Optimizer) -> None:
+        raise RuntimeError("boom")
+
+    accumulator = accumfn.GradientAccumulator(optimizer, 1, scaler=scaler, before_step=fail)
+    x, y = data(5, 4)
+    with pytest.raises(accumfn.StepError, match="before_step"):
+        accumulator.accumulate(nn.functional.mse_loss(model(x), y), model)
+    assert scaler.get_scale() == 8.0
+    assert accumulator.stats.skipped_steps == 1

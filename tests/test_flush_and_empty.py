@@ -164,3 +164,23 @@ def test_a_window_without_items_is_skipped_with_a_warning_and_no_scheduler_step(
     assert accumulator.stats.optimizer_steps == 0
     assert scheduler.last_epoch == 0
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1", "nan", "1e20", "0"])
+def test_a_bad_sync_timeout_is_refused_before_any_collective(
+    raw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from accumfn import _distributed
+
+    monkeypatch.setenv("ACCUMFN_SYNC_TIMEOUT", raw)
+    with pytest.raises(accumfn.ConfigError, match="ACCUMFN_SYNC_TIMEOUT must be a number"):
+        _distributed._timeout()
+
+
+def test_sync_timeout_inf_waits_as_long_as_it_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from accumfn import _distributed
+
+    monkeypatch.setenv("ACCUMFN_SYNC_TIMEOUT", "inf")
+    assert _distributed._timeout() is None
+    monkeypatch.setenv("ACCUMFN_SYNC_TIMEOUT", "2.5")
+    assert _distributed._timeout() == __import__("datetime").timedelta(seconds=2.5)

@@ -21,6 +21,7 @@ __all__ = [
     "finish_step",
     "init",
     "micro_step",
+    "rescale_in_step",
     "start_epoch",
     "sync_next_forward",
     "window_after",
@@ -223,6 +224,14 @@ def start_epoch(state: AccumState) -> tuple[AccumState, int]:
         dropped_micro_steps=state.dropped_micro_steps + dropped,
     )
     return _reopen(fresh), dropped
+
+
+def rescale_in_step(state: AccumState) -> bool:
+    """Whether the step multiplies the closed window's gradients by ``grad_scale``.
+
+    With ``accum_dtype`` the shell already did, in the wide dtype, before the one rounding.
+    """
+    return state.config.accum_dtype is None
 
 
 def sync_next_forward(state: AccumState) -> bool:
