@@ -96,7 +96,7 @@ def test_accumulator_keeps_its_state_after_a_refused_micro_batch() -> None:
     acc = accumfn.GradientAccumulator(opt, 2, max_grad_norm=None)
     assert not acc.accumulate(_sum_loss(model, x[:4], y[:4]), model, num_items=4)
     before = acc.state
-    for bad in (None, 0, 1.5):
+    for bad in (None, -1, 1.5):
         with pytest.raises(ConfigError):
             acc.accumulate(_sum_loss(model, x[4:], y[4:]), model, num_items=bad)
     assert acc.state == before and acc.state.window_norm is Normalization.ITEMS
