@@ -1,8 +1,10 @@
 """Wall time of ``assert_equivalent(..., world_size=2)`` on a small model (DDP and FSDP2).
 
 The check spawns its ranks, so most of its time is starting two Python processes that
-import torch. Printed beside it: the same check on one process, and the time two spawned
-processes take to start, import accumfn and join a gloo group (what any spawned check pays).
+import torch, and the first ``DistributedDataParallel`` or ``fully_shard`` in each, which
+imports ``torch._dynamo``; the training itself takes milliseconds. Printed beside it: the
+same check on one process, and the time two spawned processes take to start, import accumfn
+and join a gloo group (what any spawned check pays).
 
 Run: python -m benchmarks.distributed_check [--repeats 3] [--micro-batches 16]
 """

@@ -162,7 +162,7 @@ def test_ddp_item_mode_ragged_tokens() -> None:
     assert_passed(report, (2, 2, 1))
 
 
-def test_fsdp2_item_mode_clipped_and_mean_mode() -> None:
+def test_fsdp2_item_mode_clipped_with_short_final_window() -> None:
     report = assert_equivalent(
         make_model,
         adamw,
@@ -253,7 +253,7 @@ def test_hanging_rank_becomes_an_error_at_the_timeout() -> None:
     message = str(error.value)
     assert error.value.ranks == (0, 1)
     assert "did not finish within 20 s, so its 2 ranks were killed" in message
-    assert "rank 1 at 'wrapping the model" in message
+    assert "rank 1 at 'wrapping the model (wrap=hang_on_rank1)'" in message
     assert multiprocessing.active_children() == []
 
 

@@ -8,7 +8,6 @@ trains, for each rank, one large batch per window from that rank's weights and c
 
 from __future__ import annotations
 
-import functools
 import math
 import pickle
 import tempfile
@@ -37,7 +36,7 @@ from ._equivalence import (
     plan_windows,
     state_tensors,
 )
-from ._ranks import WRAPS, RankJob, WindowRecord, Wrap, load_weights, rank_main
+from ._ranks import WRAPS, RankJob, WindowRecord, Wrap, describe, load_weights, rank_main
 from ._spawn import run_ranks
 
 __all__ = ["check_distributed", "validate_distributed"]
@@ -100,16 +99,6 @@ def _save_job(job: RankJob, workdir: str) -> None:
             f"the batches cannot be sent to the ranks ({type(exc).__name__}: {exc}); use "
             f"tensors, or tuples, lists and dicts of tensors and plain Python values."
         ) from None
-
-
-def _describe(value: object) -> str:
-    """``'ddp'``, ``my_wrap``, ``partial(DistributedDataParallel, bucket_cap_mb=1)``."""
-    if isinstance(value, functools.partial):
-        args = [_describe(value.func), *map(_describe, value.args)]
-        args += [f"{key}={_describe(v)}" for key, v in value.keywords.items()]
-        return f"partial({', '.join(args)})"
-    name = getattr(value, "__qualname__", None)
-    return name if isinstance(name, str) else repr(value)
 
 
 def check_distributed(
@@ -226,7 +215,7 @@ def check_distributed(
         world_size=world,
     )
     if report.diverged:
-        setup = f"steps={steps}, {world} ranks, wrap={_describe(wrap)}"
+        setup = f"steps={steps}, {world} ranks, wrap={describe(wrap)}"
         raise AssertionError(failure_message(report, setup, rtol, atol, _DISTRIBUTED_HINT))
     return report
 

@@ -8,6 +8,7 @@ the full parameters and buffers (FSDP2 shards gathered) in ``rank{r}.pt``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ..effects import LRScheduler, step_window
 from ..errors import ConfigError
 from ._spawn import connect, report_progress
 
-__all__ = ["WRAPS", "RankJob", "WindowRecord", "load_weights", "rank_main"]
+__all__ = ["WRAPS", "RankJob", "WindowRecord", "describe", "load_weights", "rank_main"]
 
 Wrap = str | Callable[[nn.Module], nn.Module]
 WRAPS = ("ddp", "fsdp2")
@@ -55,6 +56,16 @@ class WindowRecord:
     grads: dict[str, torch.Tensor]
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
+
+
+def describe(value: object) -> str:
+    """``'ddp'``, ``my_wrap``, ``partial(DistributedDataParallel, bucket_cap_mb=1)``."""
+    if isinstance(value, functools.partial):
+        args = [describe(value.func), *map(describe, value.args)]
+        args += [f"{key}={describe(v)}" for key, v in value.keywords.items()]
+        return f"partial({', '.join(args)})"
+    name = getattr(value, "__qualname__", None)
+    return name if isinstance(name, str) else repr(value)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -122,7 +133,7 @@ def _train(rank: int, job: RankJob, progress: Callable[[str], None]) -> list[Win
     torch.manual_seed(job.seed)
     model = job.make_model()
     load_weights(model, job.initial)
-    progress(f"wrapping the model (wrap={job.wrap!r})")
+    progress(f"wrapping the model (wrap={describe(job.wrap)})")
     wrapped = _wrapped(model, job.wrap)
     progress("building the optimizer")
     optimizer = job.make_optimizer(wrapped)
