@@ -133,15 +133,16 @@ def assert_passed(report: Any, windows: tuple[int, ...]) -> None:
 
 
 # -- the checks pass on correct setups ---------------------------------------------------------
-def test_ddp_mean_mode_with_clip_scheduler_and_short_final_window() -> None:
-    # 10 micro-batches: 5 per rank, windows of 3 and then a short one of 2 per rank
+def test_callable_wrapper_mean_mode_with_clip_scheduler_and_short_final_window() -> None:
+    # 10 micro-batches: 5 per rank, windows of 3 and then a short one of 2 per rank; DDP with
+    # tiny buckets, so a window's all-reduce round is several calls
     report = assert_equivalent(
         make_model,
         sgd,
         regression(10),
         steps=3,
         world_size=2,
-        wrap="ddp",
+        wrap=functools.partial(DistributedDataParallel, bucket_cap_mb=0.0001),
         max_grad_norm=0.5,
         make_scheduler=step_lr,
     )
@@ -175,12 +176,6 @@ def test_fsdp2_item_mode_clipped_with_short_final_window() -> None:
         max_grad_norm=1.0,
     )
     assert_passed(report, (2, 1))
-
-
-def test_callable_wrapper_mean_mode() -> None:
-    wrap = functools.partial(DistributedDataParallel, bucket_cap_mb=0.0001)
-    report = assert_equivalent(make_model, sgd, regression(8), steps=3, world_size=2, wrap=wrap)
-    assert_passed(report, (3, 1))
 
 
 # -- wrong setups fail, naming rank, window and parameter --------------------------------------
@@ -248,11 +243,11 @@ def test_rank_that_exits_is_named_with_where_it_was() -> None:
 def test_hanging_rank_becomes_an_error_at_the_timeout() -> None:
     with pytest.raises(RankFailedError) as error:
         assert_equivalent(
-            make_model, sgd, regression(4), world_size=2, wrap=hang_on_rank1, timeout=20
+            make_model, sgd, regression(4), world_size=2, wrap=hang_on_rank1, timeout=30
         )
     message = str(error.value)
     assert error.value.ranks == (0, 1)
-    assert "did not finish within 20 s, so its 2 ranks were killed" in message
+    assert "did not finish within 30 s, so its 2 ranks were killed" in message
     assert "rank 1 at 'wrapping the model (wrap=hang_on_rank1)'" in message
     assert multiprocessing.active_children() == []
 
