@@ -169,6 +169,12 @@ def check_distributed(
     def large_batch(window: list[int]) -> list[Any]:
         return [micro_batches[local * world + rank] for local in window for rank in range(world)]
 
+    large = [combine(large_batch(window)) for window in windows]
+    items = (
+        [sum(num_items(b) for b in large_batch(window)) for window in windows]
+        if num_items is not None
+        else None
+    )
     tensors: list[TensorDiff] = []
     wanted: list[list[dict[str, torch.Tensor]]] = []
     for rank, rank_records in enumerate(records):
@@ -184,26 +190,9 @@ def check_distributed(
                 "make_model returned the same module twice: it must build a new model on each "
                 "call, the weights are copied across."
             )
-        load_weights(twin, initial)
-        optimizer = make_optimizer(twin)
-        scheduler = make_scheduler(optimizer) if make_scheduler is not None else None
-        tracker = Tracker((n, k) for n, (k, _) in state_tensors(twin, applied_grads(twin)).items())
-        wanted.append([])
-        for number, (window, record) in enumerate(zip(windows, rank_records, strict=True)):
-            batches = large_batch(window)
-            want = large_step(
-                twin,
-                optimizer,
-                scheduler,
-                loss_of(twin, combine(batches)),
-                sum(num_items(b) for b in batches) if num_items is not None else None,
-                max_grad_norm,
-            )
-            wanted[-1].append(want)
-            tracker.compare(_recorded(record), state_tensors(twin, want), number, rtol, atol)
-            # the next window starts from this rank's weights (see assert_equivalent)
-            load_weights(twin, {**record.params, **record.buffers})
-        tensors += tracker.diffs(rank)
+        diffs, grads = _compare_rank(job, twin, rank, rank_records, large, items, rtol, atol)
+        tensors += diffs
+        wanted.append(grads)
     sizes = [[batch_size(b) for b in large_batch(window)] for window in windows]
     report = EquivalenceReport(
         windows=tuple(len(w) for w in windows),
@@ -218,6 +207,36 @@ def check_distributed(
         setup = f"steps={steps}, {world} ranks, wrap={describe(wrap)}"
         raise AssertionError(failure_message(report, setup, rtol, atol, _DISTRIBUTED_HINT))
     return report
+
+
+def _compare_rank(
+    job: RankJob,
+    twin: nn.Module,
+    rank: int,
+    records: Sequence[WindowRecord],
+    large: Sequence[Any],
+    items: Sequence[int] | None,
+    rtol: float,
+    atol: float,
+) -> tuple[tuple[TensorDiff, ...], list[dict[str, torch.Tensor]]]:
+    """Train ``twin`` one large batch per window from ``rank``'s weights and compare.
+
+    Returns the differences and the gradients the large batch handed its optimizer.
+    """
+    load_weights(twin, job.initial)
+    optimizer = job.make_optimizer(twin)
+    scheduler = job.make_scheduler(optimizer) if job.make_scheduler is not None else None
+    tracker = Tracker((n, k) for n, (k, _) in state_tensors(twin, applied_grads(twin)).items())
+    wanted = []
+    for number, (batch, record) in enumerate(zip(large, records, strict=True)):
+        total = items[number] if items is not None else None
+        loss = job.loss_fn(twin, batch)
+        want = large_step(twin, optimizer, scheduler, loss, total, job.max_grad_norm)
+        wanted.append(want)
+        tracker.compare(_recorded(record), state_tensors(twin, want), number, rtol, atol)
+        # the next window starts from this rank's weights (see assert_equivalent)
+        load_weights(twin, {**record.params, **record.buffers})
+    return tracker.diffs(rank), wanted
 
 
 def _recorded(record: WindowRecord) -> dict[str, tuple[str, torch.Tensor]]:
