@@ -132,7 +132,15 @@ __all__ = [
 ]
 
 
+_SUBMODULES = frozenset(
+    {"checkpoint", "config", "core", "effects", "errors", "lr", "metrics", "plan", "testing"}
+)
+"""Submodules reachable as ``accumfn.<name>`` after ``import accumfn`` alone."""
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _HOME_OF.get(name)
     if module is None:
         raise AttributeError(f"module 'accumfn' has no attribute {name!r}")

@@ -178,15 +178,19 @@ class GradientAccumulator:
             if window is None:  # closes_window mirrors micro_step; never reached
                 window = self._prepare_step(state, model)
             warn_untracked(model, window.optimizers, window_params(window.optimizers))
-            try:
-                report = run_step(state, window, model)
-            except StepError as exc:
-                self._state = exc.state
-                self._norm = None
-                raise
-            self._state = report.state
-            self._norm = report.grad_norm
+            self._step(state, window, model)
         return stepped
+
+    def _step(self, state: AccumState, window: Any, model: nn.Module) -> None:
+        """Run a closed window's checked step; keep the state to continue from either way."""
+        try:
+            report = run_step(state, window, model)
+        except StepError as exc:
+            self._state = exc.state
+            self._norm = None
+            raise
+        self._state = report.state
+        self._norm = report.grad_norm
 
     def flush(self, model: nn.Module | None = None) -> bool:
         """Close and step the open window after the last micro-batch; True if it stepped.
@@ -204,23 +208,13 @@ class GradientAccumulator:
         if self._model is None:
             return False
         model = self._model
-        window = None
-        if self._state.is_accumulating:
-            window = self._prepare_step(self._state, model)
+        # The step's checks come first, so an error there changes nothing.
+        window = self._prepare_step(self._state, model) if self._state.is_accumulating else None
         state, stepped = flush(self._state, model)
-        if not stepped:
+        if not stepped or window is None:  # (ranks whose windows differ raised in flush)
             return False
         self._state = state
-        if window is None:  # another rank's window was open while this one's was not
-            window = self._prepare_step(state, model)
-        try:
-            report = run_step(state, window, model)
-        except StepError as exc:
-            self._state = exc.state
-            self._norm = None
-            raise
-        self._state = report.state
-        self._norm = report.grad_norm
+        self._step(state, window, model)
         return True
 
     def reset_epoch(self) -> None:

@@ -56,3 +56,15 @@ def test_import_is_light_and_the_first_use_loads_torch_without_warnings() -> Non
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True", "True"]
     assert done.stderr == ""
+
+
+def test_public_submodules_are_reachable_after_import_accumfn_alone() -> None:
+    """``import accumfn; accumfn.checkpoint.save_checkpoint(...)``, as before names loaded lazily."""
+    code = (
+        "import accumfn\n"
+        "for name in ('checkpoint', 'core', 'metrics', 'testing', 'config', 'lr', 'errors'):\n"
+        "    assert hasattr(accumfn, name), name\n"
+        "assert callable(accumfn.checkpoint.distributed_state)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
