@@ -59,7 +59,7 @@ def test_import_is_light_and_the_first_use_loads_torch_without_warnings() -> Non
 
 
 def test_public_submodules_are_reachable_after_import_accumfn_alone() -> None:
-    """``import accumfn; accumfn.checkpoint.save_checkpoint(...)``, as before names loaded lazily."""
+    """``import accumfn; accumfn.checkpoint.save_checkpoint(...)`` works without more imports."""
     code = (
         "import accumfn\n"
         "for name in ('checkpoint', 'core', 'metrics', 'testing', 'config', 'lr', 'errors'):\n"
