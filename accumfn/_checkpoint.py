@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.amp import GradScaler
 
-from ._distributed import all_reduce
+from . import _accum_buffer as buffers
+from ._distributed import all_reduce, device_for
 from ._grads import optimizer_params, zero_grads_
 from .core import AccumState, ByStep
 from .errors import CheckpointError, ConfigError, StateFormatError
@@ -37,6 +38,7 @@ _CONFIG_NAMES = {
     "batch_size": "batch_size",
     "skip_nonfinite": "skip_nonfinite",
     "sync_every_micro_step": "sync_every_micro_step",
+    "accum_dtype": "accum_dtype",
 }
 
 
@@ -50,6 +52,14 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def _open_grad(param: torch.Tensor) -> torch.Tensor | None:
+    """The parameter's share of the open window: its wide buffer (accum_dtype) or .grad."""
+    buffer = buffers.buffered(param)
+    if buffer is not None:
+        return buffer.detach().clone()
+    return None if param.grad is None else _local(param.grad).detach().clone()
 
 
 def _rank() -> dict[str, int] | None:
@@ -88,7 +98,7 @@ def capture(
                 f"accumulator with sync_every_micro_step=True (gradients reduced every "
                 f"micro-step and kept sharded, which a checkpoint can hold)."
             )
-        grads = [None if p.grad is None else _local(p.grad).detach().clone() for p in params]
+        grads = [_open_grad(p) for p in params]
     return {
         "accumfn": state.to_dict(),
         "partial_grads": grads,
@@ -246,7 +256,8 @@ def _check_grads(
                 f"{tuple(local.shape)} on this rank: the checkpoint is from another model or "
                 f"sharding; load it into the model it was saved from."
             )
-        if grad.dtype != param.dtype:
+        wide = saved.config.accum_dtype
+        if grad.dtype != param.dtype and not (wide and str(grad.dtype) == f"torch.{wide}"):
             raise CheckpointError(
                 f"open-window gradient {index} is {grad.dtype}, parameter {index} is "
                 f"{param.dtype}: cast the model to the dtype it had when the checkpoint was "
@@ -289,8 +300,12 @@ def restore(
             # straight to unscale_, which needs it.
             scaler.scale(torch.zeros((), device=pairs[0][0].device))
     zero_grads_(optimizer)
+    buffers.drop(optimizer_params(optimizer))
     for param, grad in pairs:
-        param.grad = _as_grad_of(param, grad)
+        if grad.dtype != param.dtype:  # an accum_dtype buffer
+            buffers.put(param, grad.to(device=param.device, copy=True))
+        else:
+            param.grad = _as_grad_of(param, grad)
     return resumed
 
 
@@ -327,7 +342,7 @@ def _check_rank(saved: object, resumed: AccumState) -> None:
     ok = here is not None and dict(saved) == here
     everyone = ok
     if here is not None:
-        flag = torch.tensor([int(ok)], dtype=torch.int32)
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=device_for(None))
         all_reduce(flag, None, "whether each rank can resume its checkpoint", op=dist.ReduceOp.MIN)
         everyone = bool(flag.item())
     if everyone:

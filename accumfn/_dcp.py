@@ -99,9 +99,11 @@ class DistributedState:
         if saved_world != world:
             raise CheckpointError(
                 f"the accumulator state was saved by {saved_world} ranks and is loaded by "
-                f"{world}: an open window cannot move between world sizes; resume with "
-                f"{saved_world} ranks, or from a checkpoint taken at a window boundary loaded "
-                f"with accumfn.checkpoint.load_checkpoint."
+                f"{world}: each rank's entry is its own, so it loads only into as many "
+                f"ranks as saved it. Resume with {saved_world} ranks; to change the number "
+                f"of ranks, save the accumulator at a window boundary with rank 0's "
+                f"accumulator.state_dict() in a file of its own (save_checkpoint) and load "
+                f"that on every rank."
             )
         raw = state_dict.get(f"rank{rank}")
         if not isinstance(raw, bytes | bytearray):

@@ -11,6 +11,7 @@ after a forward that did not sync.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import weakref
@@ -23,10 +24,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import _accum_buffer as buffers
 from . import core
 from .errors import ConfigError, RankMismatchError
 
-__all__ = ["BUCKET_BYTES", "DataParallel", "all_reduce", "set_forward_sync", "strategy"]
+__all__ = [
+    "BUCKET_BYTES",
+    "DataParallel",
+    "all_reduce",
+    "device_for",
+    "set_forward_sync",
+    "strategy",
+]
 
 BUCKET_BYTES = 25 * 1024 * 1024
 """Size of one bucket of the fallback reduction (DDP's default ``bucket_cap_mb``)."""
@@ -35,16 +44,28 @@ _TIMEOUT_ENV = "ACCUMFN_SYNC_TIMEOUT"
 _DEFAULT_TIMEOUT_S = 600.0
 
 
-def _timeout() -> timedelta:
-    raw = os.environ.get(_TIMEOUT_ENV, "")
+def _timeout() -> timedelta | None:
+    """How long accumfn's own collectives wait (None: as long as it takes)."""
+    raw = os.environ.get(_TIMEOUT_ENV, "").strip()
     try:
         seconds = float(raw) if raw else _DEFAULT_TIMEOUT_S
     except ValueError:
+        seconds = math.nan
+    if seconds == math.inf:
+        return None
+    if not (math.isfinite(seconds) and 0 < seconds < 10**9):
         raise ConfigError(
-            f"{_TIMEOUT_ENV} must be a number of seconds, got {raw!r}; unset it for the "
-            f"default ({_DEFAULT_TIMEOUT_S:.0f} s)."
-        ) from None
+            f"{_TIMEOUT_ENV} must be a number of seconds > 0 (or inf: wait as long as it "
+            f"takes), got {raw!r}; unset it for the default ({_DEFAULT_TIMEOUT_S:.0f} s)."
+        )
     return timedelta(seconds=seconds)
+
+
+def device_for(group: dist.ProcessGroup | None) -> torch.device:
+    """Where a small tensor must live for ``group``'s backend (NCCL takes only CUDA)."""
+    if "nccl" in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -159,34 +180,51 @@ class DataParallel:
         local = core.window_header(state, final=final, reduces=reduces)
         if not self.distributed:
             return core.WindowTotals.of([local])
-        header = torch.tensor(local, dtype=torch.int64)
+        header = torch.tensor(local, dtype=torch.int64, device=device_for(self.groups[0]))
         for group in self.groups:
             all_reduce(header, group, "the window's header (micro-steps, items, flags)")
         return core.WindowTotals.from_sums(header.tolist())
 
-    def mean_reduce_grads_(self) -> None:
+    def mean_reduce_grads_(self, wide: torch.dtype | None = None) -> None:
         """Average gradients over the group bucket by bucket (the fallback reduction).
 
         A gradient that no rank produced stays None, as under DDP and large batch; one that
-        only some ranks produced is reduced with zeros from the others.
+        only some ranks produced is reduced with zeros from the others. With ``wide`` (the
+        accumulation dtype) the wide buffers are reduced where parameters have them.
         """
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params or not self.distributed:
             return
-        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+
+        def source(param: torch.Tensor) -> torch.Tensor | None:
+            buffer = None if wide is None else buffers.buffered(param)
+            return param.grad if buffer is None else buffer
+
+        present = torch.tensor(
+            [source(p) is not None for p in params],
+            dtype=torch.int32,
+            device=device_for(self.groups[0]),
+        )
         for group in self.groups:
             all_reduce(present, group, "which parameters have gradients")
         reduced = [p for p, n in zip(params, present.tolist(), strict=True) if n > 0]
+        grads = []
         for param in reduced:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            elif param.grad.is_sparse:
+            grad = source(param)
+            if grad is None and wide is not None and param.dtype != wide:
+                grad = torch.zeros_like(param, dtype=wide)
+                buffers.put(param, grad)
+            elif grad is None:
+                grad = param.grad = torch.zeros_like(param)
+            elif grad.is_sparse:
                 raise ConfigError(
-                    "a window closed after a forward that did not sync, and the model has "
-                    "sparse gradients, which the fallback reduction cannot average; close "
-                    "windows only at their planned size, or use sync_every_micro_step=True."
+                    "the model has sparse gradients, which accumfn's own reduction cannot "
+                    "average; it runs when a window closes after a forward that did not "
+                    "sync (close windows at their planned size, or use "
+                    "sync_every_micro_step=True) and always with accum_dtype under DDP "
+                    "(drop accum_dtype)."
                 )
-        grads = [cast(torch.Tensor, p.grad) for p in reduced]
+            grads.append(grad)
         for bucket in _buckets(grads, BUCKET_BYTES):
             if len(bucket) == 1 and bucket[0].is_contiguous():
                 # one large gradient: reduce it in place, a bucket-sized slice at a time
@@ -215,9 +253,12 @@ def all_reduce(
     op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
 ) -> None:
     """All-reduce that turns a hang into ``RankMismatchError`` after ``ACCUMFN_SYNC_TIMEOUT``."""
+    timeout = _timeout()  # parsed before the collective is issued
     work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
     assert work is not None
-    timeout = _timeout()
+    if timeout is None:
+        work.wait()
+        return
     try:
         work.wait(timeout=timeout)
     except RuntimeError as exc:

@@ -195,3 +195,17 @@ class WindowGrads:
                     grad.mul_(on_device)
         for grad in self.sparse:
             grad.mul_(coefficient.to(device=grad.device, dtype=grad.dtype))
+
+
+def clip_grads_by_value_(params: Sequence[torch.Tensor], clip_value: float) -> None:
+    """Clamp every gradient entry to ``[-clip_value, clip_value]`` (sparse: its values)."""
+    grads = _grads(params)
+    dense = [g for g in grads if not g.is_sparse]
+    if dense:
+        torch._foreach_clamp_min_(dense, -clip_value)
+        torch._foreach_clamp_max_(dense, clip_value)
+    for param in params:
+        grad = param.grad
+        if grad is not None and grad.is_sparse:
+            param.grad = grad = grad.coalesce()
+            grad.values().clamp_(-clip_value, clip_value)

@@ -10,13 +10,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.amp import GradScaler
 
+from . import _accum_buffer as buffers
 from . import _distributed as distributed
 from . import core
 from ._grads import check_scaler
 from .core import AccumState
-from .errors import LossError
+from .errors import CallOrderError, ConfigError, LossError
 
-__all__ = ["accumulate", "check_loss", "micro_step_context", "prepare_forward"]
+__all__ = ["accumulate", "check_loss", "flush", "micro_step_context", "prepare_forward"]
 
 
 def check_loss(loss: object) -> torch.Tensor:
@@ -65,6 +66,21 @@ def micro_step_context(state: AccumState, model: nn.Module) -> Iterator[None]:
     yield
 
 
+def _wide(state: AccumState, parallel: distributed.DataParallel) -> torch.dtype | None:
+    """The accumulation dtype, if the state asks for one (refused under FSDP2)."""
+    name = state.config.accum_dtype
+    if name is None:
+        return None
+    if parallel.kind == "fsdp2":
+        raise ConfigError(
+            "accum_dtype is not for FSDP2, which accumulates an open window's gradients "
+            "inside its own parameters: give fully_shard "
+            "mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32) instead, which sums "
+            "them in fp32 there, and drop accum_dtype."
+        )
+    return buffers.dtype_named(name)
+
+
 def accumulate(
     state: AccumState,
     loss: torch.Tensor,
@@ -92,6 +108,7 @@ def accumulate(
     new_state, plan = core.micro_step(state, is_final_batch=is_final_batch, num_items=num_items)
     parallel = distributed.strategy(model)
     plain = parallel.kind == "plain"  # one process, no DDP/FSDP: no sync flag, no header
+    wide = None if state.config.accum_dtype is None else _wide(state, parallel)
     totals = None
     if not plain:
         reduces = parallel.backward_reduces()
@@ -112,20 +129,75 @@ def accumulate(
             "itself (on the loss scaled for the window), so remove your loss.backward() call; "
             "the gradients it left are in .grad now (optimizer.zero_grad() clears them)."
         ) from exc
-    if plain:
+    if plain and wide is None:
         if plan.boundary:
             return core.close_window(new_state), True
         return new_state, False
     parallel.backward_done()
+    if wide is not None:
+        buffers.stash_(parallel.model.parameters(), wide)
+    if plain:
+        if not plan.boundary:
+            return new_state, False
+        new_state = core.close_window(new_state)
+        buffers.restore_(parallel.model.parameters(), new_state.grad_scale)
+        return new_state, True
     if totals is None:
         parallel.set_forward_sync(core.sync_next_forward(new_state))
         return new_state, False
     if fallback:
-        parallel.mean_reduce_grads_()
+        parallel.mean_reduce_grads_(wide)
     new_state = core.close_window(
         new_state,
         global_items=totals.items,
         global_micro_steps=totals.micro_steps,
         averaged_over=parallel.world,
     )
+    if wide is not None:
+        buffers.restore_(parallel.model.parameters(), new_state.grad_scale)
     return new_state, True
+
+
+def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
+    """Close the open window after the last micro-batch; return (state, stepped).
+
+    For loaders of unknown length (``IterableDataset``, streams), where
+    ``is_final_batch`` cannot be known in advance: call it once after the loop, then
+    ``apply_step`` when ``stepped``. The window is closed as a short one (N/k in mean mode,
+    the global item count in item mode); under DDP accumfn averages its gradients. With no
+    window open it returns ``(state, False)`` and changes nothing. Under data parallelism
+    every rank must call it (one small all-reduce); ranks whose windows differ in being
+    open raise ``RankMismatchError`` on every rank. FSDP2 keeps an open window's gradients
+    to itself until a backward syncs, so there it needs ``sync_every_micro_step=True``.
+    """
+    if core.check_state(state).closed:
+        raise CallOrderError(
+            "the window is already closed: call apply_step(state, optimizer, model, ...) "
+            "instead of flush."
+        )
+    parallel = distributed.strategy(model)
+    reduced = parallel.kind == "plain" or (
+        state.config.sync_every_micro_step and parallel.kind in ("ddp", "fsdp2")
+    )
+    totals = parallel.agree(state, final=True, reduces=reduced)
+    if totals.open == 0:
+        return state, False
+    fallback = core.agree(totals)
+    if parallel.kind == "fsdp2" and fallback:
+        raise ConfigError(
+            "flush under FSDP2 needs sync_every_micro_step=True: FSDP2 keeps an open "
+            "window's gradients unsharded inside its parameters until a backward syncs them, "
+            "out of accumfn's reach. Build the state with sync_every_micro_step=True, or pass "
+            "is_final_batch=True on the last micro-batch."
+        )
+    if fallback:
+        parallel.mean_reduce_grads_(_wide(state, parallel))
+    closed = core.close_window(
+        state,
+        global_items=totals.items,
+        global_micro_steps=totals.micro_steps,
+        averaged_over=parallel.world,
+    )
+    if state.config.accum_dtype is not None:
+        buffers.restore_(parallel.model.parameters(), closed.grad_scale)
+    return closed, True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -22,11 +22,12 @@ from ._window import (
     check_fp16_with_scaler,
     check_steppable,
     claim_scaler,
+    warn_untracked,
     window_params,
 )
-from .accumulate import accumulate, check_loss, prepare_forward
+from .accumulate import accumulate, check_loss, flush, prepare_forward
 from .core import AccumState
-from .effects import check_model, prepare_step, reset_epoch, run_step
+from .effects import check_hooks, check_model, prepare_step, reset_epoch, run_step
 from .errors import ConfigError, StepError
 from .lightning import check_conflict, trainer_accumulation
 
@@ -91,9 +92,13 @@ class GradientAccumulator:
         scheduler: Schedulers | None = None,
         skip_nonfinite: bool = False,
         sync_every_micro_step: bool = False,
+        before_step: Callable[[Optimizers], object] | None = None,
+        clip_value: float | None = None,
+        accum_dtype: torch.dtype | None = None,
         track_grad_norm: bool = False,
     ) -> None:
         optimizers = as_optimizers(optimizer)
+        clip_value = check_hooks(before_step, clip_value)
         check_steppable(optimizers)
         as_schedulers(scheduler)
         check_scaler(scaler)
@@ -112,12 +117,15 @@ class GradientAccumulator:
             batch_size=batch_size,
             skip_nonfinite=skip_nonfinite,
             sync_every_micro_step=sync_every_micro_step,
+            accum_dtype=accum_dtype,
         )
         claim_scaler(scaler, optimizers)
         self.optimizer = optimizer
         self.scaler = scaler
         self.scheduler = scheduler
         self.trainer = trainer
+        self.before_step = before_step
+        self.clip_value = clip_value
         self._state = state
         self._lightning = trainer is not None and accumulation_steps == 1
         self._lightning_calls = 0
@@ -127,6 +135,18 @@ class GradientAccumulator:
         self._checked_model: object = None
 
     # -- the step ---------------------------------------------------------------------------
+    def _prepare_step(self, state: AccumState, model: nn.Module, *, warn: bool = True) -> Any:
+        return prepare_step(
+            state,
+            self.optimizer,
+            model,
+            self.scaler,
+            self.scheduler,
+            before_step=self.before_step,
+            clip_value=self.clip_value,
+            warn=warn,
+        )
+
     def prepare(self, model: nn.Module, *, process_group: dist.ProcessGroup | None = None) -> None:
         """Under DDP, call once before the first forward so the first window syncs once.
 
@@ -156,7 +176,7 @@ class GradientAccumulator:
         window = None
         if core.closes_window(self._state, is_final_batch=is_final_batch):
             # The step's checks, before the backward: an error here changes nothing.
-            window = prepare_step(self._state, self.optimizer, model, self.scaler, self.scheduler)
+            window = self._prepare_step(self._state, model, warn=False)
         self._model = model
         state, stepped = accumulate(
             self._state,
@@ -169,16 +189,46 @@ class GradientAccumulator:
         self._state = state
         if stepped:
             if window is None:  # closes_window mirrors micro_step; never reached
-                window = prepare_step(state, self.optimizer, model, self.scaler, self.scheduler)
-            try:
-                report = run_step(state, window, model, grad_norm=self._track_grad_norm)
-            except StepError as exc:
-                self._state = exc.state
-                self._norm = None
-                raise
-            self._state = report.state
-            self._norm = report.grad_norm
+                window = self._prepare_step(state, model)
+            warn_untracked(model, window.optimizers, window_params(window.optimizers))
+            self._step(state, window, model)
         return stepped
+
+    def _step(self, state: AccumState, window: Any, model: nn.Module) -> None:
+        """Run a closed window's checked step; keep the state to continue from either way."""
+        try:
+            report = run_step(state, window, model, grad_norm=self._track_grad_norm)
+        except StepError as exc:
+            self._state = exc.state
+            self._norm = None
+            raise
+        self._state = report.state
+        self._norm = report.grad_norm
+
+    def flush(self, model: nn.Module | None = None) -> bool:
+        """Close and step the open window after the last micro-batch; True if it stepped.
+
+        For loaders of unknown length: call it after the loop (see ``accumfn.flush``). With
+        no window open it does nothing and returns False. Under data parallelism call it on
+        every rank, with the model (or after ``prepare(model)``) so that a rank that has seen
+        no micro-batch still joins the others. Under Lightning management it does nothing.
+        """
+        if self._lightning:
+            return False
+        if model is not None:
+            check_model(model, hint="")
+            self._model = model
+        if self._model is None:
+            return False
+        model = self._model
+        # The step's checks come first, so an error there changes nothing.
+        window = self._prepare_step(self._state, model) if self._state.is_accumulating else None
+        state, stepped = flush(self._state, model)
+        if not stepped or window is None:  # (ranks whose windows differ raised in flush)
+            return False
+        self._state = state
+        self._step(state, window, model)
+        return True
 
     def reset_epoch(self) -> None:
         """Start the next epoch (epoch schedules advance).

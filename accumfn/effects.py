@@ -5,15 +5,24 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import cast
 
 import attrs
 import torch
 from torch import nn
 from torch.amp import GradScaler
 
+from . import _accum_buffer as buffers
 from . import _distributed as distributed
 from . import core
-from ._grads import WindowGrads, check_scaler, grads_of, zero_grads_
+from ._grads import (
+    WindowGrads,
+    check_scaler,
+    clip_grads_by_value_,
+    grads_of,
+    optimizer_params,
+    zero_grads_,
+)
 from ._window import (
     LRScheduler,
     Optimizers,
@@ -29,6 +38,7 @@ from ._window import (
     warn_untracked,
 )
 from .core import AccumState
+from .core._checks import check_positive_float
 from .errors import CallOrderError, ConfigError, StepError
 
 __all__ = [
@@ -66,7 +76,16 @@ def check_model(model: object, *, optional: bool = False, hint: str = _ORDER) ->
 class _Window:
     """A closed window's step, checked whole: what it covers and the window after it."""
 
-    __slots__ = ("next_window", "optimizers", "params", "scaler", "schedulers")
+    __slots__ = (
+        "before_step",
+        "clip_value",
+        "given",
+        "next_window",
+        "optimizers",
+        "params",
+        "scaler",
+        "schedulers",
+    )
 
     def __init__(
         self,
@@ -75,30 +94,56 @@ class _Window:
         scaler: GradScaler | None,
         next_window: int,
         params: ParamSet,
+        before_step: Callable[[Optimizers], object] | None = None,
+        clip_value: float | None = None,
+        given: Optimizers | None = None,
     ) -> None:
         self.optimizers = optimizers
         self.schedulers = schedulers
         self.scaler = scaler
         self.next_window = next_window
         self.params = params
+        self.before_step = before_step
+        self.clip_value = clip_value
+        self.given = given
+        """The optimizer(s) as the user passed them, for ``before_step``."""
+
+
+def check_hooks(before_step: object, clip_value: object) -> float | None:
+    if before_step is not None and not callable(before_step):
+        raise ConfigError(
+            f"before_step must be a function of the optimizer(s) or None, got "
+            f"{type(before_step).__name__}."
+        )
+    return check_positive_float("clip_value", clip_value, allow_none=True)
 
 
 _checked: tuple[weakref.ref[nn.Module], tuple[weakref.ref[torch.optim.Optimizer], ...]] | None = (
     None
 )
 """The model and optimizers of the last window checked without a GradScaler: the checks
-that depend on nothing else (types, duplicates, step signatures, the warning about
-untracked parameters) need not run again for them."""
+that depend on nothing else (types, duplicates, step signatures) need not run again for
+them."""
 
 
 def prepare_step(
-    state: AccumState, optimizer: object, model: object, scaler: object, scheduler: object
+    state: AccumState,
+    optimizer: object,
+    model: object,
+    scaler: object,
+    scheduler: object,
+    *,
+    before_step: Callable[[Optimizers], object] | None = None,
+    clip_value: float | None = None,
+    warn: bool = True,
 ) -> _Window:
     """Check everything the step that ends ``state``'s window needs; change nothing.
 
     The window may still be open: ``GradientAccumulator`` checks before the boundary's
-    backward. Checks that depend only on the model and optimizers run again only when
-    they change; the parameter groups and the schedule are asked every time.
+    backward (with ``warn=False``: parameters outside the optimizers are looked for after
+    it, when FSDP2 has put its sharded parameters back). Checks that depend only on the
+    model and optimizers run again only when they change; the parameter groups, the hooks
+    and the schedule are checked every time.
     """
     global _checked
     checked = _checked
@@ -114,12 +159,27 @@ def prepare_step(
         ):
             optimizers = tuple(optimizer)
         if optimizers is not None:
+            if before_step is not None or clip_value is not None:
+                clip_value = check_hooks(before_step, clip_value)
             schedulers = () if scheduler is None else as_schedulers(scheduler)
             params = param_set(optimizers)
-            return _Window(optimizers, schedulers, None, core.window_after(state), params)
+            next_window = core.window_after(state)
+            if warn:  # once per model and optimizer set; a dictionary lookup after that
+                warn_untracked(cast(nn.Module, model), optimizers, params.params)
+            return _Window(
+                optimizers,
+                schedulers,
+                None,
+                next_window,
+                params,
+                before_step,
+                clip_value,
+                optimizer,  # type: ignore[arg-type]
+            )
     optimizers = as_optimizers(optimizer, hint=_ORDER)
     check_model(model)
     check_scaler(scaler)
+    clip_value = check_hooks(before_step, clip_value)
     assert isinstance(model, nn.Module)
     assert scaler is None or isinstance(scaler, GradScaler)
     schedulers = as_schedulers(scheduler)
@@ -128,10 +188,20 @@ def prepare_step(
     check_fp16_with_scaler(params.params, scaler, grads=True)
     claim_scaler(scaler, optimizers)
     next_window = core.window_after(state)
-    warn_untracked(model, optimizers, params.params)
+    if warn:  # after the boundary's backward: FSDP2 holds its sharded parameters again
+        warn_untracked(model, optimizers, params.params)
     if scaler is None:
         _checked = (weakref.ref(model), tuple(weakref.ref(o) for o in optimizers))
-    return _Window(optimizers, schedulers, enabled(scaler), next_window, params)
+    return _Window(
+        optimizers,
+        schedulers,
+        enabled(scaler),
+        next_window,
+        params,
+        before_step,
+        clip_value,
+        optimizer,  # type: ignore[arg-type]
+    )
 
 
 def _scaler_step(optimizer: torch.optim.Optimizer, scaler: GradScaler) -> bool:
@@ -170,6 +240,10 @@ class _Progress:
             return f"scheduler {self.index} step()"
         if self.phase == "update":
             return "GradScaler.update()"
+        if self.phase == "before_step":
+            return "before_step"
+        if self.phase == "clip":
+            return "clipping the gradients"
         return "unscaling and clipping the gradients"
 
 
@@ -203,35 +277,66 @@ def _step_optimizers(
     return stepped
 
 
+def _window_grads(window: _Window) -> tuple[WindowGrads, list[bool]]:
+    """The window's gradients, and whether each optimizer has any."""
+    grouped = [grads_of(params) for params in window.params.per_optimizer]
+    grads = WindowGrads(
+        grouped[0] if len(grouped) == 1 else [grad for group in grouped for grad in group]
+    )
+    return grads, [bool(group) for group in grouped]
+
+
 def _run(
     state: AccumState, window: _Window, progress: _Progress, want_norm: bool
 ) -> tuple[bool, torch.Tensor | None]:
+    if state.grad_scale == 0:  # an item-mode window without items on any rank
+        warnings.warn(
+            f"the window closed with num_items=0 on every micro-batch of every rank "
+            f"({state.micro_step} micro-batch(es) here): no update was applied and the window "
+            f"counts in skipped_steps, without a scheduler step.",
+            stacklevel=4,
+        )
+        return False, None
     config = state.config
     scaler = window.scaler
     clips = config.max_grad_norm is not None
+    rescale = state.grad_scale != 1.0 and core.rescale_in_step(state)
+    hooks = window.before_step is not None or window.clip_value is not None
     grads = None
     has_grads = [True] * len(window.optimizers)  # read only with a GradScaler
     check_finite = config.skip_nonfinite
-    if scaler is not None or clips or check_finite or want_norm or state.grad_scale != 1.0:
-        grouped = [grads_of(params) for params in window.params.per_optimizer]
-        grads = WindowGrads(
-            grouped[0] if len(grouped) == 1 else [grad for group in grouped for grad in group]
-        )
-        has_grads = [bool(group) for group in grouped]
+    if scaler is not None or clips or check_finite or want_norm or rescale or hooks:
+        grads, has_grads = _window_grads(window)
         if scaler is not None:
-            # GradScaler decides per optimizer: with several, one read decides for all.
-            check_finite = sum(has_grads) > 1
             for optimizer, present in zip(window.optimizers, has_grads, strict=True):
                 if present:
                     scaler.unscale_(optimizer)
                     progress.scaler_pending = True
+        if rescale:
+            grads.scale_(state.grad_scale)
+        if window.before_step is not None:
+            progress.phase = "before_step"
+            window.before_step(window.given if window.given is not None else window.optimizers[0])
+            progress.phase = "clip"
+            grads, has_grads = _window_grads(window)  # it may have replaced or dropped some
+        if scaler is not None:
+            # GradScaler decides per optimizer: with several, one read decides for all.
+            check_finite = sum(has_grads) > 1
     norm = None
+    finite = None
     if grads is not None:
-        grads.scale_(state.grad_scale)
+        if window.clip_value is not None:
+            if check_finite:  # clamping turns inf into +-clip_value: decide before it
+                finite = grads.norm()
+            clip_grads_by_value_(window.params.params, window.clip_value)
+            if grads.sparse:  # coalesced into new tensors
+                grads, has_grads = _window_grads(window)
         norm = grads.norm() if clips or check_finite or want_norm else None
         if config.max_grad_norm is not None and norm is not None:
             grads.clip_(config.max_grad_norm, norm)
-    applied = _step_optimizers(window, has_grads, norm, check_finite, progress)
+    applied = _step_optimizers(
+        window, has_grads, norm if finite is None else finite, check_finite, progress
+    )
     progress.applied = applied
     if applied and window.schedulers:
         progress.phase = "scheduler"
@@ -245,7 +350,9 @@ def _recover(window: _Window, progress: _Progress) -> None:
     """After a failed step: drop the window's gradients, let the GradScaler start afresh."""
     zero_grads_(window.optimizers)
     if window.scaler is not None and progress.scaler_pending:
-        window.scaler.update()  # clears its per-optimizer records for the next window
+        # Clear its per-optimizer records for the next window without counting the failed
+        # window as a clean step: the scale (and its growth tracker) stay as they were.
+        window.scaler.update(new_scale=window.scaler.get_scale())
 
 
 def run_step(
@@ -290,6 +397,8 @@ def step_window(
     *,
     scaler: GradScaler | None = None,
     scheduler: Schedulers | None = None,
+    before_step: Callable[[Optimizers], object] | None = None,
+    clip_value: float | None = None,
     grad_norm: bool = False,
 ) -> StepReport:
     """Apply a closed window without reading anything back from the device.
@@ -302,6 +411,12 @@ def step_window(
     ``skip_nonfinite``; with several optimizers the window is skipped whole), update the
     GradScaler once, step the scheduler(s) only when the window was applied, zero the
     gradients, open the next window.
+
+    ``before_step(optimizer)`` is called once per window with the optimizer(s) as passed,
+    after unscale and rescale and before the value clip, the norm, clipping and the
+    non-finite check: the gradients it sees (and may edit) are those large-batch training
+    would have. ``clip_value`` clamps every gradient entry to ``[-clip_value, clip_value]``
+    there (Lightning's ``gradient_clip_algorithm="value"``); the norm is taken after it.
 
     The pre-clip norm (``StepReport.grad_norm``, on the device) is computed only when
     something uses it: clipping, ``skip_nonfinite``, the GradScaler's check across several
@@ -319,7 +434,9 @@ def step_window(
             "apply_step needs a closed window: call it only after accumulate(...) returned "
             f"stepped=True (this window holds {state.micro_step} of {state.window} micro-steps)."
         )
-    window = prepare_step(state, optimizer, model, scaler, scheduler)
+    window = prepare_step(
+        state, optimizer, model, scaler, scheduler, before_step=before_step, clip_value=clip_value
+    )
     return run_step(state, window, model, grad_norm=grad_norm)
 
 
@@ -329,6 +446,9 @@ def apply_step(
     model: nn.Module,
     scaler: GradScaler | None = None,
     scheduler: Schedulers | None = None,
+    *,
+    before_step: Callable[[Optimizers], object] | None = None,
+    clip_value: float | None = None,
 ) -> AccumState:
     """Apply a closed window (see ``step_window``) and record its pre-clip gradient norm.
 
@@ -336,7 +456,14 @@ def apply_step(
     ``step_window`` to keep it on the device, or not compute it when nothing uses it.
     """
     report = step_window(
-        state, optimizer, model, scaler=scaler, scheduler=scheduler, grad_norm=True
+        state,
+        optimizer,
+        model,
+        scaler=scaler,
+        scheduler=scheduler,
+        before_step=before_step,
+        clip_value=clip_value,
+        grad_norm=True,
     )
     if report.grad_norm is None:
         return report.state
@@ -356,6 +483,7 @@ def reset_epoch(
     new_state, dropped = core.start_epoch(state)
     if dropped:
         zero_grads_(list(optimizers))
+        buffers.drop(optimizer_params(list(optimizers)))
         warnings.warn(
             f"reset_epoch discarded an open window of {dropped} micro-batch(es); pass "
             f"is_final_batch=True on the epoch's last micro-batch to apply it instead.",

@@ -70,5 +70,5 @@ class StepError(AccumError, RuntimeError):
         return type(self), (str(self), self.state, self.applied)
 
 
-class MissingDependencyError(AccumError, ImportError):
-    """An optional dependency a feature needs is not installed."""
+class MissingDependencyError(AccumError, ModuleNotFoundError):
+    """An optional package a feature needs is not installed; the message names the extra."""

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 
 from . import core
 from ._grads import optimizer_params, scale_grads_
+from ._optional import raise_missing
 from .core import AccumState, Normalization
 from .core._checks import check_count
 from .errors import CallOrderError, ConfigError
+
+try:
+    import lightning.pytorch as pl
+except ImportError as error:
+    raise_missing(error, "lightning", "lightning", "accumfn.lightning_callback")
 
 __all__ = ["ExactAccumulation"]
 

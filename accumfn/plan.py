@@ -67,7 +67,9 @@ def format_plan(plan: WindowPlan) -> str:
         f"batch_size={plan.batch_size})   # or accumfn.init(steps={plan.window}, "
         f"batch_size={plan.batch_size})"
     )
-    if not plan.exact:
+    if plan.target < plan.per_step_all_devices:
+        lines.append(_below_one_micro_batch(plan))
+    elif not plan.exact:
         below = plan.window - 1
         lower = plan.batch_size * plan.devices * below
         alternative = f"; window {below} gives {lower}" if below >= 1 else ""
@@ -77,3 +79,24 @@ def format_plan(plan: WindowPlan) -> str:
             f"Change the batch size or the number of devices to hit it exactly."
         )
     return "\n".join(lines)
+
+
+def _below_one_micro_batch(plan: WindowPlan) -> str:
+    if plan.devices == 1:
+        holds = f"one micro-batch already holds {plan.batch_size}"
+    else:
+        holds = (
+            f"one micro-step already holds {plan.batch_size} per device x {plan.devices} "
+            f"devices = {plan.per_step_all_devices}"
+        )
+    if plan.devices == 1:
+        fix = f"use a batch size of {plan.target}"
+    elif plan.target % plan.devices == 0:
+        fix = f"use a batch size of {plan.target // plan.devices} per device"
+    else:
+        fix = f"use fewer devices, or a target that is a multiple of {plan.devices}"
+    return (
+        f"note: target {plan.target} is below one micro-batch: {holds}, so there is nothing "
+        f"to accumulate (window 1 gives {plan.effective_batch}). To step on {plan.target} "
+        f"samples, {fix}."
+    )

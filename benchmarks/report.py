@@ -1,4 +1,4 @@
-"""The results as Markdown tables, the form the README shows."""
+"""The results as Markdown tables, the form docs/benchmarks.md shows."""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@
 
 Run it, kill it at any moment (even with SIGKILL, even while it saves), run the same command
 again: it resumes from RUN_DIR/checkpoint.pt and writes RUN_DIR/final.pt, whose parameters
-equal those of a run that was never interrupted, bit for bit. Everything the next micro-step
+equal those of a run that was never interrupted, bit for bit. RUN_DIR defaults to
+accumfn-checkpoint-resume-<scenario> in the system's temporary folder; delete it to start
+over. Everything the next micro-step
 depends on is in the checkpoint: model, optimizer, LR scheduler, the accumulator (its state,
 the open window's gradients, the GradScaler), the position in the data and the RNG state
 (dropout).
@@ -24,6 +26,7 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +146,7 @@ def train(run_dir: Path, scenario: str, every: int, kill_at: int, kill_in_save: 
         resume(parts, ckpt)
         done, (start_epoch, start_batch) = ckpt["micro_step"], ckpt["position"]
         say(f"resumed at micro-step {done}")
+        say(f"  from {path}")
     x, y = data()
     for epoch in range(start_epoch, EPOCHS):
         batches = batch_order(epoch)
@@ -170,19 +174,44 @@ def train(run_dir: Path, scenario: str, every: int, kill_at: int, kill_in_save: 
         "scale": parts["scaler"].get_scale() if "scaler" in parts else None,
     }
     save_checkpoint(final, run_dir / "final.pt")
-    say(f"done: {done} micro-steps, counters {final['counters']}, scale {final['scale']}")
+    applied, skipped, micro_steps = final["counters"]
+    say(
+        f"done: {done} micro-steps; optimizer steps {applied}, skipped steps {skipped}, "
+        f"micro-steps counted {micro_steps}; GradScaler scale {final['scale']}"
+    )
+    say(f"  final parameters and counters: {run_dir / 'final.pt'}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "run_dir", type=Path, nargs="?", default=Path("checkpoint_resume_run"), help="(%(default)s)"
+        "run_dir",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="where checkpoint.pt and final.pt go (default: "
+        f"{Path(tempfile.gettempdir()) / 'accumfn-checkpoint-resume-SCENARIO'})",
     )
-    parser.add_argument("--scenario", choices=["plain", "amp"], default="plain")
+    parser.add_argument(
+        "--scenario",
+        choices=["plain", "amp"],
+        default="plain",
+        help="plain: GradientAccumulator; amp: functional API with a GradScaler",
+    )
     parser.add_argument("--every", type=int, default=1, help="checkpoint every K micro-steps")
-    parser.add_argument("--kill-at", type=int, default=-1, metavar="M")
-    parser.add_argument("--kill-in-save", type=int, default=-1, metavar="M")
+    parser.add_argument(
+        "--kill-at", type=int, default=-1, metavar="M", help="SIGKILL itself after micro-step M"
+    )
+    parser.add_argument(
+        "--kill-in-save",
+        type=int,
+        default=-1,
+        metavar="M",
+        help="SIGKILL itself while saving the checkpoint of micro-step M",
+    )
     args = parser.parse_args(argv)
+    if args.run_dir is None:
+        args.run_dir = Path(tempfile.gettempdir()) / f"accumfn-checkpoint-resume-{args.scenario}"
     torch.set_num_threads(1)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     train(args.run_dir, args.scenario, args.every, args.kill_at, args.kill_in_save)

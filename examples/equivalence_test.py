@@ -3,7 +3,8 @@
 Run with pytest (``pytest examples/equivalence_test.py``) or as a script
 (``python examples/equivalence_test.py``). Replace ``make_model``, ``make_optimizer`` and
 the batches with yours; keep dropout at p=0 (or the model in eval mode) for the check,
-and freeze or replace BatchNorm, or the check fails and says why.
+and freeze or replace BatchNorm, or the check fails and says why. The distributed check
+spawns its ranks, so what it runs is defined at module level.
 """
 
 from __future__ import annotations
@@ -107,6 +108,24 @@ def test_any_window_and_split_matches(split: acc_st.AccumulationSplit) -> None:
         loss_fn=token_loss_sum,
         num_items=token_count,
     )
+
+
+def test_ddp_on_two_ranks_matches_one_large_batch() -> None:
+    # Your distributed setup, on the CPU: 2 gloo ranks, each on every other micro-batch,
+    # against one large batch of both ranks' micro-batches per window. What the ranks run
+    # is pickled for them: model, optimizer, loss and num_items are defined at module level.
+    report = assert_equivalent(
+        TinyTagger,
+        make_optimizer,
+        sequences(count=10, length=5),  # 5 per rank: windows of 2, 2, 1
+        steps=2,
+        loss_fn=token_loss_sum,
+        num_items=token_count,
+        max_grad_norm=1.0,
+        world_size=2,
+        wrap="ddp",  # or "fsdp2", or your function that wraps the model
+    )
+    assert report.windows == (2, 2, 1)
 
 
 def test_no_host_sync_between_boundaries() -> None:

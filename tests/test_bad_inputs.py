@@ -3,7 +3,7 @@
 Each row asserts the error type, that the message names the problem and the fix, and that
 nothing changed: the states (``to_dict()`` equal), the model's parameters and gradients, the
 optimizer and GradScaler state, the checkpoint files. ``python -m tests.test_bad_inputs``
-prints the README table from the messages the rows actually get.
+prints the table of docs/bad-inputs.md from the messages the rows actually get.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def second_accumulator_on_scaler(world: World) -> None:
 @dataclass(frozen=True)
 class Row:
     bad: str
-    """The bad input, as the README shows it."""
+    """The bad input, as docs/bad-inputs.md shows it."""
     call: Callable[[World], object]
     error: type[BaseException]
     problem: str
@@ -383,11 +383,11 @@ ROWS = [
         r"True or False",
     ),
     Row(
-        "`num_items=0`",
-        lambda w: accumulate(w, state=w.fresh, num_items=0),
+        "`num_items=-1`",
+        lambda w: accumulate(w, state=w.fresh, num_items=-1),
         ConfigError,
-        r"num_items must be >= 1, got 0",
-        r">= 1",
+        r"num_items must be >= 0, got -1",
+        r">= 0",
     ),
     Row(
         "`num_items=2.5`",
@@ -709,7 +709,7 @@ ROWS = [
         "`from_dict`: `grad_scale=nan`",
         lambda w: AccumState.from_dict(w.open_dict(grad_scale=NAN)),
         StateFormatError,
-        r"grad_scale must be a finite number > 0, got nan",
+        r"grad_scale must be a finite number >= 0, got nan",
         r"unchanged",
     ),
     Row(
@@ -909,7 +909,7 @@ def test_rows_are_distinct() -> None:
 class NonFinite:
     bad: str
     outcome: str
-    """What you get, for the README."""
+    """What you get, for docs/bad-inputs.md."""
     skip_nonfinite: bool
     scaler: bool
     loss_value: float
@@ -977,7 +977,7 @@ def gist_of(message: str, directory: str, limit: int = 220) -> str:
 
 
 def catalogue() -> str:
-    """The README table, from the messages the rows get now."""
+    """The table of docs/bad-inputs.md, from the messages the rows get now."""
     lines = ["| bad input | what you get |", "|---|---|"]
     for row in ROWS:
         with tempfile.TemporaryDirectory() as directory:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import pytest
 
 from accumfn import core
@@ -67,10 +68,20 @@ def test_mixing_modes_in_a_window_is_refused_and_state_unchanged() -> None:
     assert state.micro_step == 1 and state.window_items == 3
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, "3", True])
+@pytest.mark.parametrize("bad", [-1, 2.5, "3", True])
 def test_bad_num_items(bad: object) -> None:
     with pytest.raises(ConfigError, match="num_items"):
         core.micro_step(core.init(2), num_items=bad)
+
+
+def test_a_window_without_items_closes_with_factor_zero() -> None:
+    state, _ = core.micro_step(core.init(2), num_items=0)
+    state, _ = core.micro_step(state, num_items=0)
+    closed = core.close_window(state)
+    assert (closed.closed, closed.grad_scale) == (True, 0.0)
+    assert core.AccumState.from_dict(closed.to_dict()) == closed
+    with pytest.raises(ConfigError, match="grad_scale is 0 only"):
+        attrs.evolve(state, grad_scale=0.0)
 
 
 def test_finish_step_counts_applied_and_skipped() -> None:

@@ -280,6 +280,52 @@ def _explicit_group(rank: int, world: int) -> dict[str, Any]:
     return {"params": full_params(model), "reference": large_batch(reference, sgd(reference), data)}
 
 
+def _flush_zero_items(rank: int, world: int) -> dict[str, Any]:
+    """A loader of unknown length closed by flush; rank 1 has micro-batches without items,
+    and the second window has no item on either rank (skipped)."""
+    data = ranked_data(21, [[3, 3, 3, 2], [3, 3, 3, 2]], ragged=True)
+    for r, w, m in [(1, 0, 1), (1, 2, 0), (1, 3, 1), (0, 1, 0), (0, 1, 1), (0, 1, 2)]:
+        data[r][w][m] = (data[r][w][m][0], torch.full_like(data[r][w][m][1], -100))
+    for m in range(3):
+        data[1][1][m] = (data[1][1][m][0], torch.full_like(data[1][1][m][1], -100))
+    model = DistributedDataParallel(token_model(100))
+    optimizer = sgd(model)
+    state = accumfn.init(3)
+    accumfn.prepare_forward(state, model)
+    for batch in (b for window in data[rank] for b in window):  # no is_final_batch
+        loss = token_loss(model, batch, "sum")
+        state, stepped = accumfn.accumulate(state, loss, model, num_items=items(batch))
+        if stepped:
+            state = accumfn.apply_step(state, optimizer, model)
+    state, stepped = accumfn.flush(state, model)
+    if stepped:
+        state = accumfn.apply_step(state, optimizer, model)
+    reference = token_model(100)
+    ref_opt = sgd(reference)
+    for w in range(4):  # the large batch, skipping the window without items
+        batches = [b for r in data for b in r[w]]
+        y = torch.cat([b[1] for b in batches])
+        if int((y != -100).sum()):
+            token_loss(reference, (torch.cat([b[0] for b in batches]), y), "mean").backward()
+            ref_opt.step()
+            ref_opt.zero_grad(set_to_none=True)
+    return {
+        "params": full_params(model),
+        "reference": [p.detach().clone() for p in reference.parameters()],
+        "counts": (state.optimizer_steps, state.skipped_steps),
+    }
+
+
+def _wide_accumulation(rank: int, world: int) -> dict[str, Any]:
+    """accum_dtype under DDP: the wide buffers are reduced once per window by accumfn."""
+    data = ranked_data(23, [[3, 3, 2], [3, 3, 2]], ragged=True)
+    model = DistributedDataParallel(token_model(100))
+    state = accumfn.init(3, accum_dtype=torch.float64)
+    train(model, sgd(model), data[rank], 3, True, state=state)
+    reference = token_model(100)
+    return {"params": full_params(model), "reference": large_batch(reference, sgd(reference), data)}
+
+
 def _exact_worker(rank: int, world: int) -> dict[str, Any]:
     torch.manual_seed(0)
     return {
@@ -290,6 +336,8 @@ def _exact_worker(rank: int, world: int) -> dict[str, Any]:
         "unused-on-both": _unused(rank, (0, 1)),
         "unused-on-one": _unused(rank, (1,)),
         "explicit-group": _explicit_group(rank, world),
+        "flush-zero-items": _flush_zero_items(rank, world),
+        "accum-dtype": _wide_accumulation(rank, world),
     }
 
 
@@ -301,8 +349,52 @@ def _wrapper_worker(rank: int, world: int) -> dict[str, Any]:
     }
 
 
+def _fsdp_flush(rank: int, world: int, sync_every: bool) -> dict[str, Any]:
+    """flush under FSDP2: exact with sync_every_micro_step, a clear error without it."""
+    from torch.distributed.fsdp import fully_shard
+
+    data = ranked_data(22, [[3, 2], [3, 2]], ragged=True)
+    model = token_model(100)
+    fully_shard(model)
+    optimizer = sgd(model)
+    state = accumfn.init(3, sync_every_micro_step=sync_every)
+    try:
+        for batch in (b for window in data[rank] for b in window):
+            loss = token_loss(model, batch, "sum")
+            state, stepped = accumfn.accumulate(state, loss, model, num_items=items(batch))
+            if stepped:
+                state = accumfn.apply_step(state, optimizer, model)
+        state, stepped = accumfn.flush(state, model)
+    except accumfn.AccumError as exc:
+        return _error(exc)
+    if stepped:
+        state = accumfn.apply_step(state, optimizer, model)
+    reference = token_model(100)
+    return {"params": full_params(model), "reference": large_batch(reference, sgd(reference), data)}
+
+
+def _fsdp_accum_dtype(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = token_model(100)
+    fully_shard(model)
+    state = accumfn.init(3, accum_dtype=torch.float32)
+    batch = ranked_data(24, [[1], [1]], ragged=False)[rank][0][0]
+    try:
+        accumfn.accumulate(state, token_loss(model, batch, "mean"), model)
+    except accumfn.AccumError as exc:
+        return _error(exc)
+    return {"type": None}
+
+
 def _mesh_worker(rank: int, world: int) -> dict[str, Any]:
-    return {"hsdp": _hsdp(rank, world), "sub-mesh": _sub_mesh(rank, world)}
+    return {
+        "hsdp": _hsdp(rank, world),
+        "sub-mesh": _sub_mesh(rank, world),
+        "fsdp2-flush-sync-every": _fsdp_flush(rank, world, True),
+        "fsdp2-flush-default": _fsdp_flush(rank, world, False),
+        "fsdp2-accum-dtype": _fsdp_accum_dtype(rank, world),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -318,6 +410,8 @@ EXACT = [
     "unused-on-both",
     "unused-on-one",
     "explicit-group",
+    "flush-zero-items",
+    "accum-dtype",
 ]
 
 
@@ -327,6 +421,13 @@ def test_equals_large_batch_over_both_ranks(exact: list[dict[str, Any]], name: s
         torch.testing.assert_close(
             result[name]["params"], result[name]["reference"], rtol=1e-5, atol=1e-6
         )
+
+
+def test_flush_and_windows_without_items_count_as_the_large_batch_does(
+    exact: list[dict[str, Any]],
+) -> None:
+    for result in exact:
+        assert result["flush-zero-items"]["counts"] == (3, 1)
 
 
 def test_unused_parameter_keeps_no_gradient_so_adam_leaves_it(exact: list[dict[str, Any]]) -> None:
@@ -370,6 +471,16 @@ def test_fsdp2_meshes_reduce_over_data_parallel_dims_only(name: str, meshes: Any
         run = result[name]
         torch.testing.assert_close(run["params"], run["reference"], rtol=1e-5, atol=1e-6)
         assert run["world"] == (2 if name == "hsdp" else 1)
+
+
+def test_fsdp2_flush_is_exact_with_sync_every_micro_step_else_refused(meshes: Any) -> None:
+    for result in meshes:
+        run = result["fsdp2-flush-sync-every"]
+        torch.testing.assert_close(run["params"], run["reference"], rtol=1e-5, atol=1e-6)
+        assert result["fsdp2-flush-default"]["type"] == "ConfigError"
+        assert "sync_every_micro_step=True" in result["fsdp2-flush-default"]["message"]
+        assert result["fsdp2-accum-dtype"]["type"] == "ConfigError"
+        assert "MixedPrecisionPolicy(reduce_dtype" in result["fsdp2-accum-dtype"]["message"]
 
 
 @pytest.fixture(scope="module")

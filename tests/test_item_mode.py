@@ -34,8 +34,8 @@ def _assert_grads_equal(model: nn.Module, before: list[torch.Tensor | None]) -> 
 
 
 BAD_COUNTS: list[tuple[Any, str]] = [
-    (0, "must be >= 1, got 0"),
-    (-4, "must be >= 1, got -4"),
+    (-1, "must be >= 0, got -1"),
+    (-4, "must be >= 0, got -4"),
     (2.5, "got 2.5 of type float"),
     (3.0, "got 3.0 of type float"),
     ("3", "got '3' of type str"),
@@ -96,7 +96,7 @@ def test_accumulator_keeps_its_state_after_a_refused_micro_batch() -> None:
     acc = accumfn.GradientAccumulator(opt, 2, max_grad_norm=None)
     assert not acc.accumulate(_sum_loss(model, x[:4], y[:4]), model, num_items=4)
     before = acc.state
-    for bad in (None, 0, 1.5):
+    for bad in (None, -1, 1.5):
         with pytest.raises(ConfigError):
             acc.accumulate(_sum_loss(model, x[4:], y[4:]), model, num_items=bad)
     assert acc.state == before and acc.state.window_norm is Normalization.ITEMS

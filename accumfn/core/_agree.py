@@ -22,6 +22,7 @@ def window_header(state: AccumState, *, final: bool, reduces: bool) -> list[int]
     """This rank's view of its closing window, as the integers the group sums."""
     return [
         1,
+        int(state.micro_step > 0),
         state.micro_step,
         state.window_items,
         int(state.window_norm is Normalization.ITEMS),
@@ -35,6 +36,8 @@ class WindowTotals:
     """The headers of all ranks, summed."""
 
     ranks: int
+    open: int
+    """Ranks whose window holds micro-steps (all of them, except at ``flush``)."""
     micro_steps: int
     """Micro-batches in this window over all ranks."""
     items: int
@@ -69,6 +72,12 @@ def agree(totals: WindowTotals) -> bool:
     collectives the others never issue, or average different things.
     """
     ranks = totals.ranks
+    if _some(totals.open, ranks):
+        raise RankMismatchError(
+            f"{totals.open} of {ranks} ranks have an open window at flush and the others do "
+            f"not: the ranks ran different numbers of micro-batches. Give every rank the same "
+            f"number of micro-batches (DistributedSampler with drop_last=True)."
+        )
     if _some(totals.item_mode, ranks):
         raise RankMismatchError(
             f"{totals.item_mode} of {ranks} ranks passed num_items in this window and the "

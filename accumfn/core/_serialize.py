@@ -21,7 +21,10 @@ _CONFIG_KEYS: dict[str, tuple[type, ...]] = {
     "batch_size": (int,),
     "skip_nonfinite": (bool,),
     "sync_every_micro_step": (bool,),
+    "accum_dtype": (str, type(None)),
 }
+_CONFIG_DEFAULTS: dict[str, object] = {"accum_dtype": None}
+"""Keys added to format 1 after its first release, with the value older dicts imply."""
 _STATE_KEYS: dict[str, tuple[type, ...]] = {
     "format": (int,),
     "config": (dict,),
@@ -50,6 +53,7 @@ def state_to_dict(state: AccumState) -> dict[str, Any]:
             "batch_size": config.batch_size,
             "skip_nonfinite": config.skip_nonfinite,
             "sync_every_micro_step": config.sync_every_micro_step,
+            "accum_dtype": config.accum_dtype,
         },
         "window": state.window,
         "micro_step": state.micro_step,
@@ -139,6 +143,8 @@ def state_from_dict(data: object, *, schedule: object = None) -> AccumState:
         )
     _check_keys("state", data, _STATE_KEYS)
     cfg = data["config"]
+    if isinstance(cfg, Mapping):
+        cfg = {**_CONFIG_DEFAULTS, **cfg}
     _check_keys("state['config']", cfg, _CONFIG_KEYS)
     norm = data["window_norm"]
     try:
@@ -148,6 +154,7 @@ def state_from_dict(data: object, *, schedule: object = None) -> AccumState:
             batch_size=cfg["batch_size"],
             skip_nonfinite=cfg["skip_nonfinite"],
             sync_every_micro_step=cfg["sync_every_micro_step"],
+            accum_dtype=cfg["accum_dtype"],
         )
         return AccumState(
             config=config,

@@ -47,6 +47,23 @@ def _sync_every_micro_step(value: object) -> bool:
     return _flag("sync_every_micro_step", value)
 
 
+ACCUM_DTYPES = ("float32", "float64")
+
+
+def _accum_dtype(value: object) -> str | None:
+    """None, or a dtype name ("float32", or ``torch.float32``: read by name, no torch here)."""
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    if name not in ACCUM_DTYPES:
+        raise ConfigError(
+            f"accum_dtype must be torch.float32, torch.float64 or None, got {value!r}; pass "
+            f"torch.float32 to accumulate bf16/fp16 gradients in fp32, or None to accumulate "
+            f"in the parameters' dtype."
+        )
+    return name
+
+
 @attrs.frozen
 class AccumConfig:
     """What the user asked for. Plain values only, except a callable schedule."""
@@ -56,6 +73,16 @@ class AccumConfig:
     batch_size: int = attrs.field(default=1, converter=_batch_size)
     skip_nonfinite: bool = attrs.field(default=False, converter=_skip_nonfinite)
     sync_every_micro_step: bool = attrs.field(default=False, converter=_sync_every_micro_step)
+    accum_dtype: str | None = attrs.field(default=None, converter=_accum_dtype)
+    """Name of the dtype the window's gradients are summed in ("float32"), or None."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.accum_dtype is not None and self.sync_every_micro_step:
+            raise ConfigError(
+                "accum_dtype and sync_every_micro_step=True do not combine: with accum_dtype "
+                "the window's gradients are summed in a wide buffer and reduced once, at the "
+                "boundary. Drop one of them."
+            )
 
 
 def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -83,7 +110,8 @@ class AccumState:
     closed: bool = False
     """True between the boundary micro-step and ``apply_step``."""
     grad_scale: float = 1.0
-    """Factor ``apply_step`` multiplies the closed window's gradients by."""
+    """Factor ``apply_step`` multiplies the closed window's gradients by (0: a window with
+    no items on any rank, which applies nothing and counts as skipped)."""
     epoch: int = attrs.field(default=0, validator=_non_negative)
     total_micro_steps: int = attrs.field(default=0, validator=_non_negative)
     optimizer_steps: int = attrs.field(default=0, validator=_non_negative)
@@ -104,9 +132,13 @@ class AccumState:
             )
         if self.closed and self.micro_step == 0:
             raise ConfigError("AccumState is closed but its window holds no micro-step.")
-        if not (math.isfinite(self.grad_scale) and self.grad_scale > 0):
+        if not (math.isfinite(self.grad_scale) and self.grad_scale >= 0):
             raise ConfigError(
-                f"AccumState.grad_scale must be a finite number > 0, got {self.grad_scale}."
+                f"AccumState.grad_scale must be a finite number >= 0, got {self.grad_scale}."
+            )
+        if self.grad_scale == 0 and not (self.closed and self.window_norm is Normalization.ITEMS):
+            raise ConfigError(
+                "AccumState.grad_scale is 0 only for a closed item-mode window without items."
             )
         if (self.window_norm is None) != (self.micro_step == 0):
             raise ConfigError(

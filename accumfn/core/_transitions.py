@@ -27,6 +27,7 @@ __all__ = [
     "finish_step",
     "init",
     "micro_step",
+    "rescale_in_step",
     "start_epoch",
     "sync_next_forward",
     "window_after",
@@ -58,14 +59,20 @@ def init(
     batch_size: int = 1,
     skip_nonfinite: bool = False,
     sync_every_micro_step: bool = False,
+    accum_dtype: object = None,
 ) -> AccumState:
-    """A fresh state: epoch 0, no micro-step taken, first window sized by the schedule."""
+    """A fresh state: epoch 0, no micro-step taken, first window sized by the schedule.
+
+    ``accum_dtype=torch.float32`` sums a window's bf16/fp16 gradients in an fp32 buffer per
+    parameter and hands them to the optimizer in the parameter's dtype at the boundary.
+    """
     config = AccumConfig(
         schedule=steps,
         max_grad_norm=max_grad_norm,
         batch_size=batch_size,
         skip_nonfinite=skip_nonfinite,
         sync_every_micro_step=sync_every_micro_step,
+        accum_dtype=accum_dtype,
     )
     return AccumState(config=config, window=config.schedule.window(0, 0))
 
@@ -88,11 +95,11 @@ def _items(num_items: object) -> int | None:
         return None
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
         raise ConfigError(
-            f"num_items must be a Python int >= 1 (the number of items the loss sums over), "
+            f"num_items must be a Python int >= 0 (the number of items the loss sums over), "
             f"got {num_items!r} of type {type(num_items).__name__}; count the items on the host "
             f"(e.g. int((labels != -100).sum()) before moving labels to the device)."
         )
-    return check_count("num_items", num_items)
+    return check_count("num_items", num_items, minimum=0)
 
 
 def micro_step(
@@ -127,7 +134,7 @@ def micro_step(
     plan = micro_plan(
         state.window if norm is _MEAN else 1,
         boundary,
-        boundary or state.config.sync_every_micro_step,
+        (boundary or state.config.sync_every_micro_step) and state.config.accum_dtype is None,
     )
     return new_state, plan
 
@@ -146,15 +153,16 @@ def close_window(
     ``global_micro_steps`` micro-batches over all ranks (``micro_step`` on one process) are
     rescaled by ``averaged_over * N / global_micro_steps``: N/k for a short window of k,
     also when ranks closed it with different k. Item mode: gradients hold the sum over
-    items, rescaled by ``averaged_over / global_items``.
+    items, rescaled by ``averaged_over / global_items``; a window with no item on any rank
+    gets factor 0: the step applies nothing and counts the window as skipped.
     """
     if check_state(state).closed or state.micro_step == 0:
         raise CallOrderError("close_window needs an open window with at least one micro-step.")
     averaged_over = check_count("averaged_over", averaged_over)
     if state.window_norm is _ITEMS:
         total = state.window_items if global_items is None else global_items
-        total = check_count("the window's total num_items", total)
-        scale = averaged_over / total
+        total = check_count("the window's total num_items", total, minimum=0)
+        scale = averaged_over / total if total else 0.0  # no item anywhere: nothing to apply
     else:
         steps = state.micro_step if global_micro_steps is None else global_micro_steps
         steps = check_count("the window's micro-steps over all ranks", steps)
@@ -239,11 +247,22 @@ def start_epoch(state: AccumState) -> tuple[AccumState, int]:
     return _reopen(fresh), dropped
 
 
+def rescale_in_step(state: AccumState) -> bool:
+    """Whether the step multiplies the closed window's gradients by ``grad_scale``.
+
+    With ``accum_dtype`` the shell already did, in the wide dtype, before the one rounding.
+    """
+    return state.config.accum_dtype is None
+
+
 def sync_next_forward(state: AccumState) -> bool:
     """Whether the next micro-step's backward will reduce gradients (DDP decides at forward).
 
-    True when the next micro-batch fills the window, or with ``sync_every_micro_step``.
+    True when the next micro-batch fills the window, or with ``sync_every_micro_step``;
+    never with ``accum_dtype``, whose wide buffers the shell reduces itself.
     """
+    if state.config.accum_dtype is not None:
+        return False
     if state.config.sync_every_micro_step or state.closed:
         return True
     return state.micro_step + 1 >= state.window

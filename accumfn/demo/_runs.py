@@ -1,7 +1,8 @@
-"""The demo's runs: each window trained as one large batch and as accumulated micro-batches.
+"""The demo's runs: each window trained as one large batch, as accumulated micro-batches,
+and by the naive loop (each micro-batch's mean loss / window size).
 
-The runs go in lockstep, window by window, so the parameter difference is known after every
-optimizer step. Everything here uses only the public API.
+The three go in lockstep, window by window, so the parameter differences are known after
+every optimizer step. Everything here uses only the public API.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..accumulate import accumulate
-from ..core import AccumState, init
+from ..core import init
 from ..effects import apply_step
 from ._data import IGNORE, mlp, ragged_tokens, regression, token_model
 
-__all__ = ["DemoSettings", "StepRecord", "epoch_windows", "regression_run", "token_run"]
+__all__ = ["DemoSettings", "StepRecord", "epoch_windows", "regression_steps", "token_steps"]
 
-StepHook = Callable[["StepRecord"], None]
 MicroHook = Callable[[str, int, torch.Tensor], None]
 
 
@@ -53,12 +53,18 @@ class StepRecord:
 
     workload: str
     step: int
-    """Effective (optimizer) step after this update, counted from 1."""
+    """The effective step of this window, from 0: ``effective_step`` while it was open, the
+    step its metrics are logged at (``_step`` in metrics.jsonl)."""
+    epoch: int
     micro_batches: int
+    short: bool
+    """Whether this is the short final window of its epoch."""
     large_loss: float
     accumulated_loss: float
     max_param_diff: float
-    naive_max_param_diff: float | None = None
+    """Largest |parameter difference| between the accumulated and the large-batch model."""
+    naive_max_param_diff: float
+    """The same for the naive loop: each micro-batch's mean loss divided by the window size."""
 
 
 def epoch_windows(micro_batches: int, window: int) -> list[range]:
@@ -100,15 +106,26 @@ def _batches(
             yield epoch, window, i == len(windows) - 1
 
 
-def regression_run(settings: DemoSettings, on_step: StepHook, on_micro: MicroHook) -> AccumState:
-    """A regression MLP: large batch vs accumulated mean-reduced micro-batches."""
+def _naive_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def regression_steps(settings: DemoSettings, on_micro: MicroHook) -> Iterator[StepRecord]:
+    """A regression MLP: large batch vs accumulated (and naive) mean-reduced micro-batches.
+
+    Yields one record per window, after the window's optimizer steps.
+    """
     b = settings.micro_batch
     data = regression(settings.seed, b * settings.micro_batches_per_epoch)
     large = mlp(settings.seed)
-    accumulated = copy.deepcopy(large)
-    large_opt, accum_opt = _adamw(large, settings.lr), _adamw(accumulated, settings.lr)
+    accumulated, naive = copy.deepcopy(large), copy.deepcopy(large)
+    large_opt = _adamw(large, settings.lr)
+    accum_opt, naive_opt = _adamw(accumulated, settings.lr), _adamw(naive, settings.lr)
     state = init(steps=settings.window, max_grad_norm=settings.max_grad_norm, batch_size=b)
-    for _, window, last in _batches(settings, data):
+    for epoch, window, last in _batches(settings, data):
+        step = state.effective_step
         x, y = (t[window.start * b : window.stop * b] for t in data)
         large_loss = F.mse_loss(large(x), y)
         _large_step(large, large_opt, large_loss, settings.max_grad_norm)
@@ -116,24 +133,26 @@ def regression_run(settings: DemoSettings, on_step: StepHook, on_micro: MicroHoo
         for j in window:
             xm, ym = _micro(data, b, j)
             loss = F.mse_loss(accumulated(xm), ym)
-            on_micro("regression", state.effective_step, loss.detach())
+            on_micro("regression", step, loss.detach())
             losses.append(loss.detach())
             state, stepped = accumulate(
                 state, loss, accumulated, is_final_batch=last and j == window.stop - 1
             )
             if stepped:
                 state = apply_step(state, accum_opt, accumulated)
-        on_step(
-            StepRecord(
-                workload="regression",
-                step=state.effective_step,
-                micro_batches=len(window),
-                large_loss=float(large_loss.detach()),
-                accumulated_loss=float(torch.stack(losses).mean()),
-                max_param_diff=_max_diff(large, accumulated),
-            )
+            torch.autograd.backward(F.mse_loss(naive(xm), ym) / settings.window)
+        _naive_step(naive, naive_opt, settings.max_grad_norm)
+        yield StepRecord(
+            workload="regression",
+            step=step,
+            epoch=epoch,
+            micro_batches=len(window),
+            short=len(window) < settings.window,
+            large_loss=float(large_loss.detach()),
+            accumulated_loss=float(torch.stack(losses).mean()),
+            max_param_diff=_max_diff(large, accumulated),
+            naive_max_param_diff=_max_diff(large, naive),
         )
-    return state
 
 
 def _token_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -143,11 +162,12 @@ def _token_loss(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) ->
     )
 
 
-def token_run(settings: DemoSettings, on_step: StepHook, on_micro: MicroHook) -> AccumState:
+def token_steps(settings: DemoSettings, on_micro: MicroHook) -> Iterator[StepRecord]:
     """A token model on ragged sequences: the token-mean loss of each window.
 
     ``accumulate(..., num_items=tokens)`` is compared with the large batch and with the
-    naive loop that averages each micro-batch and divides by the window size.
+    naive loop that averages each micro-batch and divides by the window size. Yields one
+    record per window, after the window's optimizer steps.
     """
     b = settings.micro_batch
     data = ragged_tokens(settings.seed + 1, b * settings.micro_batches_per_epoch)
@@ -156,7 +176,8 @@ def token_run(settings: DemoSettings, on_step: StepHook, on_micro: MicroHook) ->
     large_opt = _adamw(large, settings.lr)
     accum_opt, naive_opt = _adamw(accumulated, settings.lr), _adamw(naive, settings.lr)
     state = init(steps=settings.window, max_grad_norm=settings.max_grad_norm, batch_size=b)
-    for _, window, last in _batches(settings, data):
+    for epoch, window, last in _batches(settings, data):
+        step = state.effective_step
         tokens, labels = (t[window.start * b : window.stop * b] for t in data)
         large_loss = _token_loss(large, tokens, labels) / (labels != IGNORE).sum()
         _large_step(large, large_opt, large_loss, settings.max_grad_norm)
@@ -165,7 +186,7 @@ def token_run(settings: DemoSettings, on_step: StepHook, on_micro: MicroHook) ->
             tm, lm = _micro(data, b, j)
             items = int((lm != IGNORE).sum())
             loss = _token_loss(accumulated, tm, lm)
-            on_micro("tokens", state.effective_step, loss.detach() / max(items, 1))
+            on_micro("tokens", step, loss.detach() / max(items, 1))
             total, count = total + loss.detach(), count + items
             state, stepped = accumulate(
                 state,
@@ -178,18 +199,15 @@ def token_run(settings: DemoSettings, on_step: StepHook, on_micro: MicroHook) ->
                 state = apply_step(state, accum_opt, accumulated)
             naive_loss = _token_loss(naive, tm, lm) / max(items, 1) / settings.window
             torch.autograd.backward(naive_loss)
-        nn.utils.clip_grad_norm_(naive.parameters(), settings.max_grad_norm)
-        naive_opt.step()
-        naive_opt.zero_grad(set_to_none=True)
-        on_step(
-            StepRecord(
-                workload="tokens",
-                step=state.effective_step,
-                micro_batches=len(window),
-                large_loss=float(large_loss.detach()),
-                accumulated_loss=float(total / count),
-                max_param_diff=_max_diff(large, accumulated),
-                naive_max_param_diff=_max_diff(large, naive),
-            )
+        _naive_step(naive, naive_opt, settings.max_grad_norm)
+        yield StepRecord(
+            workload="tokens",
+            step=step,
+            epoch=epoch,
+            micro_batches=len(window),
+            short=len(window) < settings.window,
+            large_loss=float(large_loss.detach()),
+            accumulated_loss=float(total / count),
+            max_param_diff=_max_diff(large, accumulated),
+            naive_max_param_diff=_max_diff(large, naive),
         )
-    return state

@@ -1,12 +1,15 @@
-"""Metrics keyed by effective step: ``MetricsTracker`` and its sinks (W&B, JSONL, callable).
+"""Metrics keyed by effective step: ``MetricsTracker`` and its sinks (JSONL, W&B, TensorBoard,
+callable).
 
-``wandb`` is imported only when a ``WandbSink`` is made.
+``wandb`` and ``tensorboard`` are imported only when their sink is made.
 """
 
+from ..errors import MissingDependencyError
 from ._values import REDUCTIONS, Reduce
 from .sinks import CallableSink, JsonlSink, Sink
+from .tensorboard_sink import TensorBoardSink
 from .tracker import MetricsStepError, MetricsTracker
-from .wandb_sink import MissingDependencyError, WandbSink
+from .wandb_sink import WandbSink
 
 __all__ = [
     "REDUCTIONS",
@@ -17,5 +20,6 @@ __all__ = [
     "MissingDependencyError",
     "Reduce",
     "Sink",
+    "TensorBoardSink",
     "WandbSink",
 ]

@@ -64,6 +64,14 @@ class MetricsTracker:
     and ``wandb_init`` is empty). ``gradient_accumulation_steps`` is recorded in the config
     of a W&B run the tracker starts; rows follow the step you pass, so short final
     windows and accumulation schedules commit correctly.
+
+    Distributed runs: by default only global rank 0 writes, as Lightning's loggers do. The
+    other ranks check every value and step the same way (an error is raised on every rank
+    alike) and drop the rows; their sinks open no file and start no run. With
+    ``per_rank=True`` every rank writes to its own sinks, and the default JSONL file is
+    ``metrics.rank<r>.jsonl``; give sinks you pass a path of their own on each rank. The rank
+    is that of the initialized default process group, else the ``RANK`` variable that
+    ``torchrun`` sets, else 0.
     """
 
     def __init__(
@@ -77,9 +85,15 @@ class MetricsTracker:
         on_stale_step: Literal["raise", "warn"] = "raise",
         jsonl_path: str | os.PathLike[str] = DEFAULT_JSONL,
         wandb_init: Mapping[str, Any] | None = None,
+        per_rank: bool = False,
     ) -> None:
         if not isinstance(use_wandb, bool):
             raise ConfigError(f"use_wandb must be True or False, got {use_wandb!r}.")
+        if not isinstance(per_rank, bool):
+            raise ConfigError(f"per_rank must be True or False, got {per_rank!r}.")
+        self.rank = global_rank()
+        self.writes = per_rank or self.rank == 0
+        """Whether this rank writes rows to its sinks."""
         self.gradient_accumulation_steps = check_count(
             "gradient_accumulation_steps", gradient_accumulation_steps
         )
@@ -100,14 +114,18 @@ class MetricsTracker:
                 )
         if use_wandb:
             wandb_sink = WandbSink(**(wandb_init or {}))
-            if wandb_sink.owns_run:
-                wandb_sink.run.config.update(
-                    {"gradient_accumulation_steps": self.gradient_accumulation_steps}
-                )
+            wandb_sink.record_config(
+                {"gradient_accumulation_steps": self.gradient_accumulation_steps}
+            )
             chosen.append(wandb_sink)
         elif sinks is None:
-            chosen.append(JsonlSink(jsonl_path))
+            chosen.append(JsonlSink(rank_path(jsonl_path, self.rank) if per_rank else jsonl_path))
         self.sinks: tuple[Sink, ...] = tuple(chosen)
+        if self.writes:
+            for sink in self.sinks:
+                start = getattr(sink, "start", None)
+                if callable(start):
+                    start()
         self._step: int | None = None
         self._last_written: int | None = None
         self._row: dict[str, ScalarBuffer] = {}
@@ -165,6 +183,8 @@ class MetricsTracker:
         self._row = {}
         self._step = None
         self._last_written = step
+        if not self.writes:
+            return
         values = materialize({name: buffer.result() for name, buffer in row.items()})
         for sink in self.sinks:
             sink.write(step, values)
@@ -182,8 +202,9 @@ class MetricsTracker:
     def flush(self) -> None:
         """Commit the open step now and flush the sinks."""
         self._commit()
-        for sink in self.sinks:
-            sink.flush()
+        if self.writes:
+            for sink in self.sinks:
+                sink.flush()
 
     def close(self) -> None:
         """Flush, then close every sink (finishes a W&B run this tracker started). Idempotent."""
@@ -207,6 +228,22 @@ class MetricsTracker:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def global_rank() -> int:
+    """The rank in the default process group if there is one, else ``RANK``, else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    rank = os.environ.get("RANK", "0")
+    if not rank.isdigit():
+        raise ConfigError(f"the RANK environment variable must be a whole number, got {rank!r}.")
+    return int(rank)
+
+
+def rank_path(path: str | os.PathLike[str], rank: int) -> str:
+    """``metrics.jsonl`` -> ``metrics.rank<rank>.jsonl``."""
+    root, extension = os.path.splitext(os.fspath(path))
+    return f"{root}.rank{rank}{extension}"
 
 
 def _close_at_exit(ref: weakref.ref[MetricsTracker]) -> Callable[[], None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -35,6 +36,8 @@ class TensorDiff:
     """Largest difference relative to the large-batch value over all windows."""
     first_window: int | None
     """First window (0-based) after which it was outside the tolerance; None if never."""
+    rank: int | None = None
+    """The rank whose tensor this is (``world_size`` > 1 or a wrapped model); else None."""
 
     @property
     def checked(self) -> bool:
@@ -55,6 +58,8 @@ class EquivalenceReport:
     tensors: tuple[TensorDiff, ...]
     culprits: tuple[str, ...]
     """Known causes of divergence found in the model and data."""
+    world_size: int = 1
+    """Ranks the accumulated side ran on (``windows`` then counts each rank's micro-batches)."""
 
     @property
     def max_abs(self) -> float:
@@ -75,14 +80,19 @@ class EquivalenceReport:
         return tuple(t for t in self.tensors if t.diverged)
 
     def __str__(self) -> str:
-        rows = [f"{len(self.windows)} window(s) of {list(self.windows)} micro-batches"]
-        width = max((len(t.name) for t in self.tensors), default=4)
+        where = f" per rank on {self.world_size} ranks" if self.world_size > 1 else ""
+        rows = [f"{len(self.windows)} window(s) of {list(self.windows)} micro-batches{where}"]
+        width = max((len(_label(t)) for t in self.tensors), default=4)
         for t in self.tensors:
             flag = f"  DIVERGED after window {t.first_window}" if t.diverged else ""
             rows.append(
-                f"  {t.name:<{width}}  max abs {t.max_abs:.3e}  max rel {t.max_rel:.3e}{flag}"
+                f"  {_label(t):<{width}}  max abs {t.max_abs:.3e}  max rel {t.max_rel:.3e}{flag}"
             )
         return "\n".join(rows)
+
+
+def _label(diff: TensorDiff) -> str:
+    return diff.name if diff.rank is None else f"rank {diff.rank} {diff.name}"
 
 
 def plan_windows(steps: core.StepsSpec, count: int) -> list[list[int]]:
@@ -103,18 +113,23 @@ def plan_windows(steps: core.StepsSpec, count: int) -> list[list[int]]:
     return windows
 
 
-def _default_loss(reduction: str) -> LossFn:
-    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
-        inputs, target = batch
-        output = model(inputs)
-        if target.dtype.is_floating_point:
-            return F.mse_loss(output, target, reduction=reduction)
-        return F.cross_entropy(output, target, reduction=reduction)
-
-    return loss
+def default_loss(model: nn.Module, batch: Any, reduction: str = "mean") -> torch.Tensor:
+    """``(inputs, target)`` batches: cross-entropy for integer targets, else MSE."""
+    inputs, target = batch
+    output = model(inputs)
+    if target.dtype.is_floating_point:
+        return F.mse_loss(output, target, reduction=reduction)
+    return F.cross_entropy(output, target, reduction=reduction)
 
 
-def _applied_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+def loss_or_default(loss_fn: LossFn | None, item_mode: bool) -> LossFn:
+    """The user's loss, or the default (a module-level partial, so spawned ranks get it)."""
+    if loss_fn is not None:
+        return loss_fn
+    return functools.partial(default_loss, reduction="sum" if item_mode else "mean")
+
+
+def applied_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     """The gradients the optimizer is about to use (zeros where a parameter has none)."""
     return {
         name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
@@ -122,7 +137,7 @@ def _applied_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _state_tensors(
+def state_tensors(
     model: nn.Module, grads: dict[str, torch.Tensor]
 ) -> dict[str, tuple[str, torch.Tensor]]:
     found = {f"{name}.grad": ("gradient", g) for name, g in grads.items()}
@@ -146,7 +161,7 @@ def _difference(
     return float(diff.max()), float(rel.max()), close
 
 
-class _Tracker:
+class Tracker:
     def __init__(self, names: Iterable[tuple[str, str]]) -> None:
         self.kinds = dict(names)
         self.max_abs = dict.fromkeys(self.kinds, 0.0)
@@ -169,9 +184,9 @@ class _Tracker:
             if not close and self.first[name] is None:
                 self.first[name] = window
 
-    def diffs(self) -> tuple[TensorDiff, ...]:
+    def diffs(self, rank: int | None = None) -> tuple[TensorDiff, ...]:
         return tuple(
-            TensorDiff(name, kind, self.max_abs[name], self.max_rel[name], self.first[name])
+            TensorDiff(name, kind, self.max_abs[name], self.max_rel[name], self.first[name], rank)
             for name, kind in self.kinds.items()
         )
 
@@ -189,28 +204,47 @@ def _twin_models(make_model: Callable[[], nn.Module], seed: int) -> tuple[nn.Mod
     return accumulated, large
 
 
-def _failure(report: EquivalenceReport, steps: object, rtol: float, atol: float) -> str:
+NO_CULPRIT_HINT = (
+    "No known cause found in the model. Check that the loss is a mean over the "
+    "micro-batch (or a sum with num_items=...), that nothing else changes the weights "
+    "or gradients between micro-batches, and that the model is deterministic."
+)
+
+
+def failure_message(
+    report: EquivalenceReport, setup: str, rtol: float, atol: float, hint: str = NO_CULPRIT_HINT
+) -> str:
+    """What diverged (by rank, when there are ranks), from which window, and why."""
     diverged = report.diverged
-    first = min(t.first_window for t in diverged if t.first_window is not None)
+    firsts: dict[int | None, int] = {}
+    for t in diverged:
+        assert t.first_window is not None
+        firsts[t.rank] = min(firsts.get(t.rank, t.first_window), t.first_window)
+    order = sorted(firsts.items(), key=lambda item: (item[1], item[0] or 0))
+    if report.world_size == 1 and None in firsts:
+        where = f" after window {firsts[None]} of {len(report.windows)} (windows: "
+    else:
+        where = ": " + ", ".join(f"rank {rank} after window {window}" for rank, window in order)
+        where += f", of {len(report.windows)} windows (micro-batches per rank: "
     lines = [
-        f"accumulated training (steps={steps}) diverged from one large batch per window "
-        f"after window {first} of {len(report.windows)} (windows: {list(report.windows)}).",
+        f"accumulated training ({setup}) diverged from one large batch per window"
+        f"{where}{list(report.windows)}).",
         f"Outside rtol={rtol:g}, atol={atol:g} ({len(diverged)} of {len(report.tensors)}):",
     ]
+    if len({window for _, window in order}) > 1:
+        lines[0] += (
+            " A rank that goes wrong first puts the others out of step: start from the earliest."
+        )
     lines += [
-        f"  {t.kind} {t.name}: max abs {t.max_abs:.3e}, max rel {t.max_rel:.3e} "
-        f"(from window {t.first_window})"
+        f"  {'' if t.rank is None else f'rank {t.rank} '}{t.kind} {t.name}: "
+        f"max abs {t.max_abs:.3e}, max rel {t.max_rel:.3e} (from window {t.first_window})"
         for t in diverged
     ]
     if report.culprits:
         lines.append("Likely causes found:")
         lines += [f"  - {culprit}" for culprit in report.culprits]
     else:
-        lines.append(
-            "No known cause found in the model. Check that the loss is a mean over the "
-            "micro-batch (or a sum with num_items=...), that nothing else changes the weights "
-            "or gradients between micro-batches, and that the model is deterministic."
-        )
+        lines.append(hint)
     return "\n".join(lines)
 
 
@@ -228,6 +262,9 @@ def assert_equivalent(
     rtol: float = 1e-5,
     atol: float = 1e-6,
     seed: int = 0,
+    world_size: int = 1,
+    wrap: str | Callable[[nn.Module], nn.Module] | None = None,
+    timeout: float = 120.0,
 ) -> EquivalenceReport:
     """Check that accumulating ``batches`` equals training on one large batch per window.
 
@@ -245,13 +282,56 @@ def assert_equivalent(
     ``(inputs, target)`` batches: cross-entropy for integer targets, else MSE.
     ``make_optimizer(model)`` builds the optimizer; ``make_scheduler(optimizer)`` an
     optional LR scheduler. Returns an ``EquivalenceReport`` when the runs agree.
+
+    Distributed (``world_size`` ranks, ``wrap`` given): the accumulated side runs on
+    ``world_size`` gloo ranks on the CPU, in processes spawned for the check and joined over
+    127.0.0.1. ``wrap`` is ``"ddp"`` (``DistributedDataParallel(model)``), ``"fsdp2"``
+    (``fully_shard`` on every submodule that owns parameters, then on the root) or a
+    function that wraps the model it is given and returns it (called on each rank after the
+    process group is up). Rank ``r`` takes micro-batches ``r, r + W, r + 2W, ...`` (strided,
+    as ``DistributedSampler`` deals samples; ``len(batches)`` must be a multiple of ``W``),
+    so window ``w`` closes over ``steps`` micro-batches per rank and its large batch is
+    all ranks' micro-batches of that window. The parent then trains one large batch per
+    window from each rank's weights, compares every rank's gradients and buffers window by
+    window, and the failure names the rank, window and tensor that diverged (with causes
+    such as gradients summed but not averaged over the ranks). Each rank runs one torch
+    thread. ``timeout`` (seconds) bounds the whole check: a rank that hangs, raises or
+    exits raises ``RankFailedError`` saying which rank and where it was, and no rank is
+    left running. The ranks are new processes, so ``make_model``, ``make_optimizer``,
+    ``loss_fn``, ``num_items``, ``make_scheduler``, ``wrap`` and ``steps`` must be
+    picklable (defined with ``def`` at module level, not lambdas or local functions;
+    ``functools.partial`` of such works) and ``batches`` must pickle; the module that
+    defines them is imported again in each rank, so keep a script's work under
+    ``if __name__ == "__main__":``.
     """
     micro_batches = list(batches)
     if not micro_batches:
         raise ConfigError("batches is empty: pass at least one micro-batch.")
+    if wrap is not None or world_size != 1:
+        from ._distributed_equivalence import check_distributed, validate_distributed
+
+        validate_distributed(world_size, wrap, timeout)
+        assert wrap is not None
+        return check_distributed(
+            make_model,
+            make_optimizer,
+            micro_batches,
+            steps,
+            loss_fn=loss_fn,
+            num_items=num_items,
+            max_grad_norm=max_grad_norm,
+            make_scheduler=make_scheduler,
+            combine=combine,
+            rtol=rtol,
+            atol=atol,
+            seed=seed,
+            world_size=world_size,
+            wrap=wrap,
+            timeout=timeout,
+        )
     windows = plan_windows(steps, len(micro_batches))
     item_mode = num_items is not None
-    loss_of = loss_fn or _default_loss("sum" if item_mode else "mean")
+    loss_of = loss_or_default(loss_fn, item_mode)
     accumulated, large = _twin_models(make_model, seed)
     optimizers = make_optimizer(accumulated), make_optimizer(large)
     schedulers = (
@@ -259,11 +339,11 @@ def assert_equivalent(
         if make_scheduler is not None
         else (None, None)
     )
-    tracker = _Tracker(
-        (name, kind) for name, (kind, _) in _state_tensors(large, _applied_grads(large)).items()
+    tracker = Tracker(
+        (name, kind) for name, (kind, _) in state_tensors(large, applied_grads(large)).items()
     )
     applied: list[dict[str, torch.Tensor]] = []
-    optimizers[0].register_step_pre_hook(lambda *_: applied.append(_applied_grads(accumulated)))
+    optimizers[0].register_step_pre_hook(lambda *_: applied.append(applied_grads(accumulated)))
     state = core.init(steps, max_grad_norm=max_grad_norm)
     for number, window in enumerate(windows):
         for index in window:
@@ -277,7 +357,7 @@ def assert_equivalent(
                 num_items=items,
             )
         state = step_window(state, optimizers[0], accumulated, scheduler=schedulers[0]).state
-        want = _large_step(
+        want = large_step(
             large,
             optimizers[1],
             schedulers[1],
@@ -286,8 +366,8 @@ def assert_equivalent(
             max_grad_norm,
         )
         tracker.compare(
-            _state_tensors(accumulated, applied[-1]),
-            _state_tensors(large, want),
+            state_tensors(accumulated, applied[-1]),
+            state_tensors(large, want),
             number,
             rtol,
             atol,
@@ -303,11 +383,11 @@ def assert_equivalent(
         culprits=tuple(find_culprits(accumulated, sizes, item_mode=item_mode)),
     )
     if report.diverged:
-        raise AssertionError(_failure(report, steps, rtol, atol))
+        raise AssertionError(failure_message(report, f"steps={steps}", rtol, atol))
     return report
 
 
-def _large_step(
+def large_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler | None,
@@ -318,7 +398,7 @@ def _large_step(
     torch.autograd.backward(loss / total_items if total_items is not None else loss)
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    grads = _applied_grads(model)
+    grads = applied_grads(model)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()

@@ -1,6 +1,6 @@
 """Hypothesis strategies for accumulation tests: window sizes, ragged splits, item counts.
 
-Needs ``hypothesis`` (``pip install hypothesis``); ``accumfn.testing`` itself does not.
+Needs ``hypothesis`` (``pip install 'accumfn[testing]'``); ``accumfn.testing`` itself does not.
 """
 
 from __future__ import annotations
@@ -9,15 +9,16 @@ import itertools
 
 import attrs
 
+from .._optional import raise_missing
+from ._equivalence import plan_windows
+
 try:
     from hypothesis import strategies as st
-except ImportError as error:  # pragma: no cover - exercised only without hypothesis
-    raise ImportError(
-        "accumfn.testing.strategies needs hypothesis: pip install hypothesis "
-        "(or accumfn[dev]). accumfn.testing.assert_equivalent works without it."
-    ) from error
-
-from ._equivalence import plan_windows
+except ImportError as error:
+    raise_missing(
+        error, "hypothesis", "testing", "accumfn.testing.strategies",
+        "accumfn.testing.assert_equivalent works without it",
+    )  # fmt: skip
 
 __all__ = [
     "AccumulationSplit",
