@@ -133,6 +133,7 @@ class GradientAccumulator:
         self._track_grad_norm = track_grad_norm
         self._model: nn.Module | None = None
         self._checked_model: object = None
+        self._warned_model: object = None
 
     # -- the step ---------------------------------------------------------------------------
     def _prepare_step(self, state: AccumState, model: nn.Module, *, warn: bool = True) -> Any:
@@ -153,6 +154,7 @@ class GradientAccumulator:
         ``process_group``: see ``accumfn.prepare_forward``.
         """
         self._model = model
+        self._checked_model = None  # the next accumulate checks (and keeps) its model again
         prepare_forward(self._state, model, process_group=process_group)
 
     def accumulate(
@@ -172,14 +174,14 @@ class GradientAccumulator:
             return True
         if model is not self._checked_model:
             check_model(model, hint="")
-            self._checked_model = model
+            self._checked_model = self._model = model
+        state = self._state
         window = None
-        if core.closes_window(self._state, is_final_batch=is_final_batch):
+        if core.closes_window(state, is_final_batch=is_final_batch):
             # The step's checks, before the backward: an error here changes nothing.
-            window = self._prepare_step(self._state, model, warn=False)
-        self._model = model
+            window = self._prepare_step(state, model, warn=False)
         state, stepped = accumulate(
-            self._state,
+            state,
             loss,
             model,
             is_final_batch=is_final_batch,
@@ -190,7 +192,9 @@ class GradientAccumulator:
         if stepped:
             if window is None:  # closes_window mirrors micro_step; never reached
                 window = self._prepare_step(state, model)
-            warn_untracked(model, window.optimizers, window_params(window.optimizers))
+            if model is not self._warned_model:  # once per model: the optimizers are fixed
+                warn_untracked(model, window.optimizers, window.params.params)
+                self._warned_model = model
             self._step(state, window, model)
         return stepped
 
@@ -218,6 +222,7 @@ class GradientAccumulator:
         if model is not None:
             check_model(model, hint="")
             self._model = model
+            self._checked_model = None
         if self._model is None:
             return False
         model = self._model

@@ -118,12 +118,12 @@ def check_hooks(before_step: object, clip_value: object) -> float | None:
     return check_positive_float("clip_value", clip_value, allow_none=True)
 
 
-_checked: tuple[weakref.ref[nn.Module], tuple[weakref.ref[torch.optim.Optimizer], ...]] | None = (
-    None
-)
-"""The model and optimizers of the last window checked without a GradScaler: the checks
-that depend on nothing else (types, duplicates, step signatures) need not run again for
-them."""
+_checked: (
+    tuple[weakref.ref[nn.Module], tuple[weakref.ref[torch.optim.Optimizer], ...], bool] | None
+) = None
+"""The model and optimizers of the last window checked without a GradScaler, and whether
+the warning about untracked parameters was given for them: the checks that depend on
+nothing else (types, duplicates, step signatures, that warning) need not run again."""
 
 
 def prepare_step(
@@ -164,8 +164,9 @@ def prepare_step(
             schedulers = () if scheduler is None else as_schedulers(scheduler)
             params = param_set(optimizers)
             next_window = core.window_after(state)
-            if warn:  # once per model and optimizer set; a dictionary lookup after that
+            if warn and not checked[2]:
                 warn_untracked(cast(nn.Module, model), optimizers, params.params)
+                _checked = (checked[0], refs, True)
             return _Window(
                 optimizers,
                 schedulers,
@@ -191,7 +192,7 @@ def prepare_step(
     if warn:  # after the boundary's backward: FSDP2 holds its sharded parameters again
         warn_untracked(model, optimizers, params.params)
     if scaler is None:
-        _checked = (weakref.ref(model), tuple(weakref.ref(o) for o in optimizers))
+        _checked = (weakref.ref(model), tuple(weakref.ref(o) for o in optimizers), warn)
     return _Window(
         optimizers,
         schedulers,

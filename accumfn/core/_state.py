@@ -244,14 +244,14 @@ def evolve_state(state: AccumState, **changes: Any) -> AccumState:
     return evolve(state, *changes.values())
 
 
-_PLANS: dict[tuple[int, bool, bool], MicroPlan] = {}
+_PLANS: dict[int, MicroPlan] = {}
+"""By ``4 * loss_divisor + 2 * boundary + reduce_grads``: an int key hashes at no cost."""
 
 
 def micro_plan(loss_divisor: int, boundary: bool, reduce_grads: bool) -> MicroPlan:
     """The (frozen, so shared) ``MicroPlan`` with these values; built once per combination."""
-    plan = _PLANS.get((loss_divisor, boundary, reduce_grads))
+    key = 4 * loss_divisor + 2 * boundary + reduce_grads
+    plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[loss_divisor, boundary, reduce_grads] = MicroPlan(
-            loss_divisor, boundary, reduce_grads
-        )
+        plan = _PLANS[key] = MicroPlan(loss_divisor, boundary, reduce_grads)
     return plan

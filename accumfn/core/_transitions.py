@@ -6,11 +6,13 @@ All transitions are pure functions of frozen records; the shell carries out thei
 from __future__ import annotations
 
 import numbers
+from typing import NoReturn
 
 from ..errors import CallOrderError, ConfigError
 from ._checks import check_count
 from ._schedule import StepsSpec
 from ._state import (
+    _PLANS,
     AccumConfig,
     AccumState,
     MicroPlan,
@@ -90,9 +92,7 @@ def check_state(state: object) -> AccumState:
     return state
 
 
-def _items(num_items: object) -> int | None:
-    if num_items is None:
-        return None
+def _items(num_items: object) -> int:
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
         raise ConfigError(
             f"num_items must be a Python int >= 0 (the number of items the loss sums over), "
@@ -100,6 +100,15 @@ def _items(num_items: object) -> int | None:
             f"(e.g. int((labels != -100).sum()) before moving labels to the device)."
         )
     return check_count("num_items", num_items, minimum=0)
+
+
+def _mode_error(state: AccumState, items: int | None) -> NoReturn:
+    assert state.window_norm is not None
+    given = "without num_items" if items is None else f"with num_items={items}"
+    raise ConfigError(
+        f"this window was opened in {state.window_norm.value} mode but this micro-batch came "
+        f"{given}; pass num_items on every micro-batch of a window, or on none."
+    )
 
 
 def micro_step(
@@ -118,24 +127,28 @@ def micro_step(
             f"is_final_batch must be True or False, got {is_final_batch!r}; pass e.g. "
             f"is_final_batch=(batch_idx == len(dataloader) - 1)."
         )
-    items = None if num_items is None else _items(num_items)
-    norm = _MEAN if items is None else _ITEMS
-    if state.window_norm is not None and norm is not state.window_norm:
-        given = "without num_items" if items is None else f"with num_items={items}"
-        raise ConfigError(
-            f"this window was opened in {state.window_norm.value} mode but this micro-batch came "
-            f"{given}; pass num_items on every micro-batch of a window, or on none."
-        )
+    window = state.window
     taken = state.micro_step + 1
-    boundary = is_final_batch or taken >= state.window
+    boundary = is_final_batch or taken >= window
+    config = state.config
+    reduce = (boundary or config.sync_every_micro_step) and config.accum_dtype is None
+    if num_items is None:
+        if state.window_norm is _ITEMS:
+            _mode_error(state, None)
+        new_state = _count_micro_step(
+            state, taken, _MEAN, state.window_items, state.total_micro_steps + 1
+        )
+        plan = _PLANS.get(4 * window + 2 * boundary + reduce)
+        if plan is None:
+            plan = micro_plan(window, boundary, reduce)
+        return new_state, plan
+    items = _items(num_items)
+    if state.window_norm is _MEAN:
+        _mode_error(state, items)
     new_state = _count_micro_step(
-        state, taken, norm, state.window_items + (items or 0), state.total_micro_steps + 1
+        state, taken, _ITEMS, state.window_items + items, state.total_micro_steps + 1
     )
-    plan = micro_plan(
-        state.window if norm is _MEAN else 1,
-        boundary,
-        (boundary or state.config.sync_every_micro_step) and state.config.accum_dtype is None,
-    )
+    plan = micro_plan(1, boundary, reduce)
     return new_state, plan
 
 
