@@ -103,3 +103,19 @@ def test_memory_is_measured_against_hand_loop_and_large_batch(results: dict[str,
 def test_ddp_row_is_present(results: dict[str, Any]) -> None:
     ddp = results["ddp"]
     assert "not_available" in ddp or {"ratio", "allreduce_per_window_accumfn"} <= set(ddp)
+
+
+def test_summary_puts_two_runs_side_by_side(results: dict[str, Any]) -> None:
+    from benchmarks.summary import summary
+
+    text = summary([results, results])
+    rows = [line for line in text.splitlines() if line.startswith("| Linear(4, 1) |")]
+    assert [row.split(" | ")[1] for row in rows] == [
+        "control (hand again)",
+        "accumfn",
+        "`GradientAccumulator`",
+        "`GradientAccumulator` - accumfn",
+    ]
+    pair = results["timing"]["linear"]["pairs"]["accumfn-hand"]
+    extra = f"{pair['micro_step_diff_us'][0]:+.1f}"
+    assert f"| {extra} / {extra} |" in rows[1]

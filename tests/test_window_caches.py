@@ -81,3 +81,22 @@ def test_checks_run_again_for_a_new_optimizer_or_model() -> None:
     assert same(grads, [p.grad for p in model.parameters() if p.grad is not None])
     assert same(params, [p.detach() for p in model.parameters()])
     assert accumfn.step_window(state, sgd, model).applied
+
+
+def test_hooks_are_checked_on_every_window_after_the_checks_are_remembered() -> None:
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    state, _ = accumfn.accumulate(accumfn.init(1), mse(model, *data(8, 4)), model)
+    state = accumfn.step_window(state, sgd, model).state  # checked once, remembered
+    state, _ = accumfn.accumulate(state, mse(model, *data(9, 4)), model)
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ConfigError, match=r"clip_value must be"):
+        accumfn.step_window(state, sgd, model, clip_value=-1.0)
+    with pytest.raises(ConfigError, match=r"before_step must be a function"):
+        accumfn.step_window(state, sgd, model, before_step="log")  # type: ignore[arg-type]
+    assert same(grads, [p.grad for p in model.parameters() if p.grad is not None])
+    assert same(params, [p.detach() for p in model.parameters()])
+    seen: list[object] = []
+    report = accumfn.step_window(state, sgd, model, before_step=seen.append, clip_value=1e-3)
+    assert seen == [sgd] and report.applied
