@@ -157,7 +157,7 @@ def as_schedulers(scheduler: object) -> tuple[Callable[[], object], ...]:
 class ParamSet:
     """A window's parameters: all of them, and each optimizer's (read-only lists)."""
 
-    __slots__ = ("key", "optimizers", "params", "per_optimizer")
+    __slots__ = ("key", "optimizers", "params", "per_optimizer", "present")
 
     def __init__(
         self,
@@ -172,11 +172,32 @@ class ParamSet:
         )
         self.per_optimizer = per_optimizer
         self.params = [param for params in per_optimizer for param in params]
+        self.present = [True] * len(per_optimizer)
+        """One True per optimizer (read-only): "has gradients" when nobody looked."""
+
+    def current(self, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+        """Whether the param groups are still those the set was resolved from (see
+        ``_groups_key``), checked without building the key."""
+        key = self.key
+        at = 0
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                params = group["params"]
+                if at >= len(key) or key[at] != (id(params), len(params)):
+                    return False
+                at += 1
+            if at >= len(key) or key[at] is not None:
+                return False
+            at += 1
+        return at == len(key)
 
     def covers(self, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
-        return len(self.optimizers) == len(optimizers) and all(
-            ref() is optimizer for ref, optimizer in zip(self.optimizers, optimizers, strict=True)
-        )
+        if len(self.optimizers) != len(optimizers):
+            return False
+        for ref, optimizer in zip(self.optimizers, optimizers, strict=True):
+            if ref() is not optimizer:
+                return False
+        return True
 
 
 def _forget(first: int) -> Callable[[object], None]:
@@ -204,11 +225,11 @@ _param_sets: dict[int, ParamSet] = {}
 def param_set(optimizers: Sequence[torch.optim.Optimizer]) -> ParamSet:
     """The window's parameter set, resolved once per optimizer set and kept until its param
     groups change; ConfigError if two optimizers share a parameter."""
-    key = _groups_key(optimizers)
     found = _param_sets.get(id(optimizers[0]))
-    if found is not None and found.key == key and found.covers(optimizers):
+    if found is not None and found.covers(optimizers) and found.current(optimizers):
         return found
     per_optimizer = _resolve(optimizers)
+    key = _groups_key(optimizers)
     found = _param_sets[id(optimizers[0])] = ParamSet(key, optimizers, per_optimizer)
     return found
 

@@ -73,7 +73,37 @@ def check_model(model: object, *, optional: bool = False, hint: str = _ORDER) ->
         raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}.")
 
 
-class _Window:
+class _Progress:
+    """How far a step got, for the message when something in it raises (a window's own
+    record: ``run_step`` starts it afresh)."""
+
+    __slots__ = ("applied", "index", "phase", "scaler_pending", "stepped")
+
+    def __init__(self) -> None:
+        self.phase = "grads"
+        self.index = 0
+        self.stepped = 0
+        """Optimizers stepped so far (they step in order)."""
+        self.applied = False
+        self.scaler_pending = False
+        """The GradScaler holds unscale records that only ``update()`` clears."""
+
+    def where(self, window: _Window) -> str:
+        if self.phase == "optimizer":
+            name = type(window.optimizers[self.index]).__name__
+            return f"optimizer {self.index} ({name}) step()"
+        if self.phase == "scheduler":
+            return f"scheduler {self.index} step()"
+        if self.phase == "update":
+            return "GradScaler.update()"
+        if self.phase == "before_step":
+            return "before_step"
+        if self.phase == "clip":
+            return "clipping the gradients"
+        return "unscaling and clipping the gradients"
+
+
+class _Window(_Progress):
     """A closed window's step, checked whole: what it covers and the window after it."""
 
     __slots__ = (
@@ -107,6 +137,12 @@ class _Window:
         self.clip_value = clip_value
         self.given = given
         """The optimizer(s) as the user passed them, for ``before_step``."""
+        # The progress record (see _Progress), without a call to its __init__
+        self.phase = "grads"
+        self.index = 0
+        self.stepped = 0
+        self.applied = False
+        self.scaler_pending = False
 
 
 def check_hooks(before_step: object, clip_value: object) -> float | None:
@@ -220,34 +256,6 @@ def _scaler_step(optimizer: torch.optim.Optimizer, scaler: GradScaler) -> bool:
     return stepped
 
 
-class _Progress:
-    """How far a step got, for the message when something in it raises."""
-
-    __slots__ = ("applied", "index", "phase", "scaler_pending", "stepped")
-
-    def __init__(self) -> None:
-        self.phase = "grads"
-        self.index = 0
-        self.stepped: list[int] = []
-        self.applied = False
-        self.scaler_pending = False
-        """The GradScaler holds unscale records that only ``update()`` clears."""
-
-    def where(self, window: _Window) -> str:
-        if self.phase == "optimizer":
-            name = type(window.optimizers[self.index]).__name__
-            return f"optimizer {self.index} ({name}) step()"
-        if self.phase == "scheduler":
-            return f"scheduler {self.index} step()"
-        if self.phase == "update":
-            return "GradScaler.update()"
-        if self.phase == "before_step":
-            return "before_step"
-        if self.phase == "clip":
-            return "clipping the gradients"
-        return "unscaling and clipping the gradients"
-
-
 def _step_optimizers(
     window: _Window,
     has_grads: list[bool],
@@ -270,7 +278,7 @@ def _step_optimizers(
             stepped = _scaler_step(optimizer, scaler) and stepped
         else:
             optimizer.step()
-        progress.stepped.append(index)
+        progress.stepped = index + 1
     if scaler is not None and any(has_grads):
         progress.phase = "update"
         scaler.update()
@@ -304,7 +312,7 @@ def _run(
     rescale = state.grad_scale != 1.0 and core.rescale_in_step(state)
     hooks = window.before_step is not None or window.clip_value is not None
     grads = None
-    has_grads = [True] * len(window.optimizers)  # read only with a GradScaler
+    has_grads = window.params.present  # read only with a GradScaler
     check_finite = config.skip_nonfinite
     if scaler is not None or clips or check_finite or want_norm or rescale or hooks:
         grads, has_grads = _window_grads(window)
@@ -360,7 +368,9 @@ def run_step(
     state: AccumState, window: _Window, model: nn.Module, *, grad_norm: bool = False
 ) -> StepReport:
     """Carry out a checked window (see ``step_window``)."""
-    progress = _Progress()
+    progress: _Progress = window
+    if progress.phase != "grads" or progress.scaler_pending:  # run before: start afresh
+        _Progress.__init__(progress)
     try:
         applied, norm = _run(state, window, progress, grad_norm)
     except Exception as exc:
@@ -369,7 +379,7 @@ def run_step(
         new_state = core.finish_step(state, applied=applied, window=window.next_window)
         distributed.set_forward_sync(model, core.sync_next_forward(new_state))
         moved = (
-            f" Optimizer(s) {progress.stepped} had stepped: their parameters moved."
+            f" Optimizer(s) {list(range(progress.stepped))} had stepped: their parameters moved."
             if progress.stepped and not applied
             else ""
         )
@@ -388,7 +398,7 @@ def run_step(
     parallel = distributed.strategy(model)
     if parallel.kind != "plain":
         parallel.set_forward_sync(core.sync_next_forward(new_state))
-    return StepReport(state=new_state, applied=applied, grad_norm=norm)
+    return StepReport(new_state, applied, norm)
 
 
 def step_window(

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "summary"]
+__all__ = ["main", "summary", "sweep"]
 
 _ROWS = [
     ("hand_control-hand", "control (hand again)"),
@@ -57,11 +57,35 @@ def summary(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sweep(runs: list[dict[str, Any]]) -> str:
+    """Window-boundary cost against the number of parameter tensors (SGD foreach, clip 1.0)."""
+    lines = [
+        "| parameter tensors | hand loop us / boundary micro-step | accumfn extra us "
+        "| `GradientAccumulator` extra us | control us |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    names = [name for name in runs[0]["timing"] if name.startswith("tensors")]
+    for name in names:
+        cells = [
+            _pair(runs, name, pair, "boundary_diff_us", "+.0f")
+            for pair in ("accumfn-hand", "accumulator-hand", "hand_control-hand")
+        ]
+        lines.append(
+            f"| {name.removeprefix('tensors')} | {_hand(runs, name, 'boundary')} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="JSON files of python -m benchmarks")
     args = parser.parse_args(argv)
-    print(summary([json.loads(path.read_text()) for path in args.runs]))
+    runs = [json.loads(path.read_text()) for path in args.runs]
+    print(summary(runs))
+    print()
+    print(sweep(runs))
 
 
 if __name__ == "__main__":

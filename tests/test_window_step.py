@@ -703,3 +703,26 @@ def test_backward_already_run_gets_a_loss_error(api: str) -> None:
         else:
             acc.accumulate(loss, model)
     assert same(before, snapshot(model, opt, state, acc))
+
+
+def test_second_optimizer_failing_names_the_one_that_stepped_and_the_window_is_skipped() -> None:
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    second = FailingSGD(model[1].parameters(), fail_on={1})
+    state = accumfn.init(2)
+    for x, y in micro_batches(15, 2):
+        state, stepped = accumfn.accumulate(state, mse(model(x), y), model)
+    assert stepped
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(StepError) as info:
+        accumfn.step_window(state, [first, second], model)
+    message = str(info.value)
+    assert "failed in optimizer 1 (FailingSGD) step()" in message
+    assert "closed as skipped" in message and "Optimizer(s) [0] had stepped" in message
+    resumed = info.value.state
+    assert not info.value.applied and (resumed.skipped_steps, resumed.closed) == (1, False)
+    after = list(model.parameters())
+    moved = [not torch.equal(a, b.detach()) for a, b in zip(before, after, strict=True)]
+    assert moved == [True, True, False, False]  # the first optimizer's parameters only
+    assert all(p.grad is None for p in model.parameters())
