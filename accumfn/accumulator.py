@@ -177,7 +177,7 @@ class GradientAccumulator:
             self._checked_model = self._model = model
         state = self._state
         window = None
-        if core.closes_window(state, is_final_batch=is_final_batch):
+        if core.closes_window(state, is_final_batch):
             # The step's checks, before the backward: an error here changes nothing.
             window = self._prepare_step(state, model, warn=False)
         state, stepped = accumulate(

@@ -183,7 +183,7 @@ def close_window(
     return _close(state, True, scale)
 
 
-def closes_window(state: AccumState, *, is_final_batch: object = False) -> bool:
+def closes_window(state: AccumState, is_final_batch: object = False) -> bool:
     """Whether the next micro-step, given these arguments, will close the open window.
 
     Asks nothing and checks nothing: ``micro_step`` does both; this lets the shell check what
