@@ -82,8 +82,15 @@ def _ddp(repeats: int) -> dict[str, Any]:
     if importlib.util.find_spec("benchmarks.ddp_allreduce") is None:
         return {"not_available": "benchmarks/ddp_allreduce.py is not present"}
     module = importlib.import_module("benchmarks.ddp_allreduce")
-    result: dict[str, Any] = module.run(repeats=repeats)
-    return result
+    failures = []
+    for _ in range(2):  # a rank lost to the machine (a killed process) costs one retry
+        try:
+            result: dict[str, Any] = module.run(repeats=repeats)
+        except Exception as error:  # the other sections' results are kept either way
+            failures.append(f"{type(error).__name__}: {error}")
+        else:
+            return result
+    return {"not_available": "; ".join(failures)}
 
 
 def _progress(started: float, what: str) -> None:

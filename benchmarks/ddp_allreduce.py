@@ -153,6 +153,7 @@ def _worker(rank: int, port: int, repeats: int, out: str) -> None:
             result["micro_steps_per_window"] = float(WINDOW)
             result["repeats"] = float(repeats)
             Path(out, "result.json").write_text(json.dumps(result))
+        dist.barrier()  # no rank tears down gloo while the other still talks to it
     finally:
         dist.destroy_process_group()
 
