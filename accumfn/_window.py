@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -157,15 +158,14 @@ def as_schedulers(scheduler: object) -> tuple[Callable[[], object], ...]:
 class ParamSet:
     """A window's parameters: all of them, and each optimizer's (read-only lists)."""
 
-    __slots__ = ("key", "optimizers", "params", "per_optimizer", "present")
+    __slots__ = ("groups", "optimizers", "params", "per_optimizer", "present")
 
-    def __init__(
-        self,
-        key: tuple[tuple[int, int] | None, ...],
-        optimizers: Sequence[torch.optim.Optimizer],
-        per_optimizer: list[list[torch.Tensor]],
-    ) -> None:
-        self.key = key
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        per_optimizer = _resolve(optimizers)
+        self.groups = [
+            [list(group["params"]) for group in optimizer.param_groups] for optimizer in optimizers
+        ]
+        """A copy of every param group's list, as the set was resolved from."""
         self.optimizers = (
             weakref.ref(optimizers[0], _forget(id(optimizers[0]))),
             *(weakref.ref(optimizer) for optimizer in optimizers[1:]),
@@ -176,20 +176,19 @@ class ParamSet:
         """One True per optimizer (read-only): "has gradients" when nobody looked."""
 
     def current(self, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
-        """Whether the param groups are still those the set was resolved from (see
-        ``_groups_key``), checked without building the key."""
-        key = self.key
-        at = 0
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                params = group["params"]
-                if at >= len(key) or key[at] != (id(params), len(params)):
-                    return False
-                at += 1
-            if at >= len(key) or key[at] is not None:
+        """Whether every param group still holds the same tensors, in the same order: a
+        group added, a ``params`` list replaced, resized or a tensor in it swapped all
+        count. The tensors are compared by identity in C (``map(operator.is_, ...)``), with
+        no Python step per parameter."""
+        for optimizer, groups in zip(optimizers, self.groups, strict=True):
+            now = optimizer.param_groups
+            if len(now) != len(groups):
                 return False
-            at += 1
-        return at == len(key)
+            for group, old in zip(now, groups, strict=True):
+                params = group["params"]
+                if len(params) != len(old) or not all(map(operator.is_, params, old)):
+                    return False
+        return True
 
     def covers(self, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
         if len(self.optimizers) != len(optimizers):
@@ -207,30 +206,17 @@ def _forget(first: int) -> Callable[[object], None]:
     return forget
 
 
-def _groups_key(optimizers: Sequence[torch.optim.Optimizer]) -> tuple[tuple[int, int] | None, ...]:
-    """Changes when a param group is added or a group's ``params`` list replaced or resized."""
-    key: list[tuple[int, int] | None] = []
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            params = group["params"]
-            key.append((id(params), len(params)))
-        key.append(None)
-    return tuple(key)
-
-
 _param_sets: dict[int, ParamSet] = {}
 """By the id of the set's first optimizer; an entry goes when that optimizer does."""
 
 
 def param_set(optimizers: Sequence[torch.optim.Optimizer]) -> ParamSet:
-    """The window's parameter set, resolved once per optimizer set and kept until its param
-    groups change; ConfigError if two optimizers share a parameter."""
+    """The window's parameter set, resolved once per optimizer set and again whenever its
+    param groups change; ConfigError if two optimizers share a parameter."""
     found = _param_sets.get(id(optimizers[0]))
     if found is not None and found.covers(optimizers) and found.current(optimizers):
         return found
-    per_optimizer = _resolve(optimizers)
-    key = _groups_key(optimizers)
-    found = _param_sets[id(optimizers[0])] = ParamSet(key, optimizers, per_optimizer)
+    found = _param_sets[id(optimizers[0])] = ParamSet(optimizers)
     return found
 
 

@@ -100,3 +100,46 @@ def test_hooks_are_checked_on_every_window_after_the_checks_are_remembered() -> 
     seen: list[object] = []
     report = accumfn.step_window(state, sgd, model, before_step=seen.append, clip_value=1e-3)
     assert seen == [sgd] and report.applied
+
+
+@pytest.mark.parametrize("api", ["functional", "object"])
+def test_a_tensor_swapped_inside_a_param_group_is_covered(api: str) -> None:
+    """Model surgery: after two windows the head's weight becomes a new Parameter, put in
+    the optimizer's group list in place of the old one (same list, same length). From then
+    on the new weight is clipped with the rest, as in the large-batch loop."""
+    model = _model()
+    ref = twin(model)
+    x, y = data(8, 4 * 3 * 5)
+    windows = [(x[i : i + 12], y[i : i + 12]) for i in range(0, len(x), 12)]
+
+    def swap(m: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        params = optimizer.param_groups[0]["params"]
+        index = next(i for i, p in enumerate(params) if p is m[2].weight)
+        m[2].weight = nn.Parameter(m[2].weight.detach().clone())
+        params[index] = m[2].weight
+
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for w, (xw, yw) in enumerate(windows):
+        if w == 2:
+            swap(ref, ref_opt)
+        ref_opt.zero_grad(set_to_none=True)
+        mse(ref, xw, yw).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+        ref_opt.step()
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = accumfn.init(3, max_grad_norm=0.1)
+    accumulator = GradientAccumulator(optimizer, 3, max_grad_norm=0.1)
+    for w, (xw, yw) in enumerate(windows):
+        if w == 2:
+            swap(model, optimizer)
+        for xb, yb in zip(xw.split(4), yw.split(4), strict=True):
+            loss = mse(model, xb, yb)
+            if api == "object":
+                accumulator.accumulate(loss, model)
+                continue
+            state, stepped = accumfn.accumulate(state, loss, model)
+            if stepped:
+                state = accumfn.step_window(state, optimizer, model).state
+    assert max_param_diff(model, ref) < 1e-6
+    assert all(p.grad is None for p in model.parameters())
