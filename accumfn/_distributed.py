@@ -114,12 +114,14 @@ class DataParallel:
     def __init__(self, model: nn.Module, process_group: dist.ProcessGroup | None = None):
         inner = _unwrap(model)
         fsdp_type = _fsdp_module_type()
-        self.ddp: DistributedDataParallel | None = None
-        self.fsdp: nn.Module | None = None
+        # Weak references only: the strategy is cached per model and must not keep it alive.
+        self._model = weakref.ref(inner)
+        self._ddp: weakref.ref[DistributedDataParallel] | None = None
+        self._fsdp: weakref.ref[nn.Module] | None = None
         groups: list[dist.ProcessGroup] = []
         if isinstance(inner, DistributedDataParallel):
             self.kind = "ddp"
-            self.ddp = inner
+            self._ddp = weakref.ref(inner)
             own = inner.process_group
             if process_group is not None and process_group is not own:
                 raise ConfigError(
@@ -130,19 +132,34 @@ class DataParallel:
             inner.register_forward_hook(_forward_hook(self))
         elif fsdp_type is not None and isinstance(inner, fsdp_type):
             self.kind = "fsdp2"
-            self.fsdp = inner
+            self._fsdp = weakref.ref(inner)
             groups = [process_group] if process_group is not None else _fsdp_groups(inner)
         elif process_group is not None:
             self.kind = "manual"  # a plain module whose gradients accumfn reduces itself
             groups = [process_group]
         else:
             self.kind = "plain"
-        self.model = inner
         self.groups = groups if dist.is_available() and dist.is_initialized() else []
         self.world = 1
         for group in self.groups:
             self.world *= dist.get_world_size(group)
         self._armed = False
+
+    @property
+    def model(self) -> nn.Module:
+        """The (unwrapped) model; the caller holds it, as it passed the model in."""
+        model = self._model()
+        if model is None:  # the cache entry goes with the model: never reached
+            raise RuntimeError("the model of this strategy was garbage-collected")
+        return model
+
+    @property
+    def ddp(self) -> DistributedDataParallel | None:
+        return None if self._ddp is None else self._ddp()
+
+    @property
+    def fsdp(self) -> nn.Module | None:
+        return None if self._fsdp is None else self._fsdp()
 
     # -- sync control -------------------------------------------------------------------------
     @property
@@ -154,15 +171,17 @@ class DataParallel:
 
         DDP's ``static_graph`` must sync its first iteration, so it does regardless.
         """
-        if self.ddp is not None:
-            if self.ddp.static_graph and not self.ddp._static_graph_delay_allreduce_enqueued:
+        ddp = self.ddp
+        if ddp is not None:
+            if ddp.static_graph and not ddp._static_graph_delay_allreduce_enqueued:
                 sync = True
-            self.ddp.require_backward_grad_sync = sync
+            ddp.require_backward_grad_sync = sync
 
     def set_backward_sync(self, sync: bool) -> None:
         """FSDP2 decides at backward whether it reduce-scatters."""
-        if self.fsdp is not None:
-            self.fsdp.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        fsdp = self.fsdp
+        if fsdp is not None:
+            fsdp.set_requires_gradient_sync(sync)  # type: ignore[operator]
 
     def backward_reduces(self) -> bool:
         """Whether the coming backward reduces gradients by itself (DDP: its last forward
@@ -308,8 +327,13 @@ def strategy(model: nn.Module, process_group: dist.ProcessGroup | None = None) -
     """The model's strategy, resolved on first use (or again when ``process_group`` is new)."""
     global _last
     last = _last
-    if last is not None and process_group is None and last[0]() is model:
+    if last is not None and process_group is None and last[0]() is model and model is not None:
         return last[1]
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model must be a torch.nn.Module (the model whose loss this is, wrapped as you "
+            f"train it: DDP, FSDP2, torch.compile), got {type(model).__name__}."
+        )
     found = _CACHE.get(model)
     if found is None or (process_group is not None and process_group not in found.groups):
         found = DataParallel(model, process_group)

@@ -23,7 +23,8 @@ __all__ = [
     "zero_grads_",
 ]
 
-_EXACT_DTYPES = (torch.float32, torch.float64)
+_ROUNDED_DTYPES = (torch.float16, torch.bfloat16)
+"""Rescaled in fp32 and rounded once; every other dtype (fp32, fp64, complex) in place."""
 
 
 def check_scaler(scaler: object) -> None:
@@ -125,7 +126,7 @@ class WindowGrads:
     def scale_(self, factor: float) -> None:
         """Multiply the gradients by ``factor`` in place (no host-device sync; nothing at 1).
 
-        fp32/fp64 dense gradients in one foreach call per device and dtype; fp16/bf16 ones
+        Dense gradients in one foreach call per device and dtype (fp32, fp64, complex); fp16/bf16 ones
         are multiplied in fp32 and rounded once, so a factor beyond their range (65504 in
         fp16) or below their precision never turns them into inf or loses digits; sparse
         ones one by one.
@@ -133,13 +134,13 @@ class WindowGrads:
         if factor == 1.0 or not self.grads:
             return
         for group in self.groups():
-            if group.dtype in _EXACT_DTYPES:
+            if group.dtype not in _ROUNDED_DTYPES:
                 torch._foreach_mul_(group.grads, factor)
             else:
                 for grad in group.grads:
                     grad.copy_(grad.to(torch.float32).mul_(factor))
         for grad in self.sparse:
-            if grad.dtype in _EXACT_DTYPES:
+            if grad.dtype not in _ROUNDED_DTYPES:
                 grad.mul_(factor)
             else:
                 grad.copy_(grad.to(torch.float32).mul_(factor))

@@ -193,7 +193,7 @@ class GradientAccumulator:
             if window is None:  # closes_window mirrors micro_step; never reached
                 window = self._prepare_step(state, model)
             if model is not self._warned_model:  # once per model: the optimizers are fixed
-                warn_untracked(model, window.optimizers, window.params.params)
+                warn_untracked(model, window.optimizers, window_params(window.optimizers))
                 self._warned_model = model
             self._step(state, window, model)
         return stepped

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import cast
 
 import attrs
 import torch
@@ -113,6 +112,7 @@ class _Window(_Progress):
         "next_window",
         "optimizers",
         "params",
+        "prepared_early",
         "scaler",
         "schedulers",
     )
@@ -124,6 +124,7 @@ class _Window(_Progress):
         scaler: GradScaler | None,
         next_window: int,
         params: ParamSet,
+        prepared_early: bool,
         before_step: Callable[[Optimizers], object] | None = None,
         clip_value: float | None = None,
         given: Optimizers | None = None,
@@ -133,6 +134,8 @@ class _Window(_Progress):
         self.scaler = scaler
         self.next_window = next_window
         self.params = params
+        self.prepared_early = prepared_early
+        """Checked before the boundary's backward: the param groups are looked at again."""
         self.before_step = before_step
         self.clip_value = clip_value
         self.given = given
@@ -183,7 +186,7 @@ def prepare_step(
     """
     global _checked
     checked = _checked
-    if scaler is None and checked is not None and checked[0]() is model:
+    if scaler is None and checked is not None and checked[0]() is model and model is not None:
         refs = checked[1]
         optimizers: tuple[torch.optim.Optimizer, ...] | None = None
         if len(refs) == 1 and refs[0]() is optimizer:
@@ -201,7 +204,7 @@ def prepare_step(
             params = param_set(optimizers)
             next_window = core.window_after(state)
             if warn and not checked[2]:
-                warn_untracked(cast(nn.Module, model), optimizers, params.params)
+                warn_untracked(model, optimizers, params.params)
                 _checked = (checked[0], refs, True)
             return _Window(
                 optimizers,
@@ -209,6 +212,7 @@ def prepare_step(
                 None,
                 next_window,
                 params,
+                not warn,
                 before_step,
                 clip_value,
                 optimizer,  # type: ignore[arg-type]
@@ -235,6 +239,7 @@ def prepare_step(
         enabled(scaler),
         next_window,
         params,
+        not warn,
         before_step,
         clip_value,
         optimizer,  # type: ignore[arg-type]
@@ -286,9 +291,9 @@ def _step_optimizers(
     return stepped
 
 
-def _window_grads(window: _Window) -> tuple[WindowGrads, list[bool]]:
+def _window_grads(params: ParamSet) -> tuple[WindowGrads, list[bool]]:
     """The window's gradients, and whether each optimizer has any."""
-    grouped = [grads_of(params) for params in window.params.per_optimizer]
+    grouped = [grads_of(group) for group in params.per_optimizer]
     grads = WindowGrads(
         grouped[0] if len(grouped) == 1 else [grad for group in grouped for grad in group]
     )
@@ -312,10 +317,14 @@ def _run(
     rescale = state.grad_scale != 1.0 and core.rescale_in_step(state)
     hooks = window.before_step is not None or window.clip_value is not None
     grads = None
-    has_grads = window.params.present  # read only with a GradScaler
+    has_grads = [True] * len(window.optimizers)  # read only with a GradScaler
     check_finite = config.skip_nonfinite
     if scaler is not None or clips or check_finite or want_norm or rescale or hooks:
-        grads, has_grads = _window_grads(window)
+        params = window.params
+        if window.prepared_early and not params.current(window.optimizers):
+            # A param group added since the check (in the boundary's backward): covered too.
+            params = param_set(window.optimizers)
+        grads, has_grads = _window_grads(params)
         if scaler is not None:
             for optimizer, present in zip(window.optimizers, has_grads, strict=True):
                 if present:
@@ -327,7 +336,13 @@ def _run(
             progress.phase = "before_step"
             window.before_step(window.given if window.given is not None else window.optimizers[0])
             progress.phase = "clip"
-            grads, has_grads = _window_grads(window)  # it may have replaced or dropped some
+            if not params.current(window.optimizers):
+                raise ConfigError(
+                    "before_step changed the optimizer's param groups, after the window's "
+                    "gradients were unscaled and rescaled for the parameters it had: add or "
+                    "replace parameters between windows (after the step), not in before_step."
+                )
+            grads, has_grads = _window_grads(params)  # it may have replaced or dropped some
         if scaler is not None:
             # GradScaler decides per optimizer: with several, one read decides for all.
             check_finite = sum(has_grads) > 1
@@ -337,9 +352,9 @@ def _run(
         if window.clip_value is not None:
             if check_finite:  # clamping turns inf into +-clip_value: decide before it
                 finite = grads.norm()
-            clip_grads_by_value_(window.params.params, window.clip_value)
+            clip_grads_by_value_(params.params, window.clip_value)
             if grads.sparse:  # coalesced into new tensors
-                grads, has_grads = _window_grads(window)
+                grads, has_grads = _window_grads(params)
         norm = grads.norm() if clips or check_finite or want_norm else None
         if config.max_grad_norm is not None and norm is not None:
             grads.clip_(config.max_grad_norm, norm)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -143,3 +146,108 @@ def test_a_tensor_swapped_inside_a_param_group_is_covered(api: str) -> None:
                 state = accumfn.step_window(state, optimizer, model).state
     assert max_param_diff(model, ref) < 1e-6
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_param_group_added_during_the_boundary_backward_joins_the_window() -> None:
+    """GradientAccumulator checks the step before the boundary's backward; a gradient hook
+    that adds the head to the optimizer during that backward is still clipped with the
+    rest, as in the large-batch loop that adds it before its step."""
+    model, ref = _model(), twin(_model())
+    x, y = data(9, 8)
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    accumulator = GradientAccumulator(optimizer, 2, max_grad_norm=0.05)
+    added: list[bool] = []
+
+    def add_head(grad: torch.Tensor) -> torch.Tensor:
+        if not added:
+            optimizer.add_param_group({"params": list(model[2].parameters())})
+            added.append(True)
+        return grad
+
+    accumulator.accumulate(mse(model, x[:4], y[:4]), model)
+    model[2].weight.register_hook(add_head)
+    assert accumulator.accumulate(mse(model, x[4:], y[4:]), model)
+
+    ref_opt = torch.optim.SGD(ref[0].parameters(), lr=0.1)
+    ref_opt.add_param_group({"params": list(ref[2].parameters())})
+    mse(ref, x, y).backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+    ref_opt.step()
+    assert max_param_diff(model, ref) < 1e-7
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:.*in no optimizer given to accumfn")
+def test_before_step_changing_the_param_groups_is_a_clear_error() -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    state = accumfn.init(2, max_grad_norm=0.05)
+    x, y = data(10, 8)
+    for xb, yb in zip(x.split(4), y.split(4), strict=True):
+        state, stepped = accumfn.accumulate(state, mse(model, xb, yb), model)
+    assert stepped
+    params = [p.detach().clone() for p in model.parameters()]
+
+    def add_head(_: object) -> None:
+        optimizer.add_param_group({"params": list(model[2].parameters())})
+
+    with pytest.raises(accumfn.StepError, match="before_step changed the optimizer's param"):
+        accumfn.step_window(state, optimizer, model, before_step=add_head)
+    assert same(params, [p.detach() for p in model.parameters()])  # nothing was stepped
+
+
+def test_complex_parameters_keep_their_imaginary_part_in_a_short_window() -> None:
+    torch.manual_seed(11)
+    weight = nn.Parameter(torch.randn(3, 4, dtype=torch.complex64))
+    ref_weight = nn.Parameter(weight.detach().clone())
+    x = torch.randn(8, 4, dtype=torch.complex64)
+
+    def loss(w: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        return (xb @ w.T).abs().pow(2).mean()
+
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    state = accumfn.init(4)
+    for index, xb in enumerate(x.split(4)):  # 2 of a window of 4: rescaled by 4/2
+        state, stepped = accumfn.accumulate(
+            state, loss(weight, xb), nn.Module(), is_final_batch=index == 1
+        )
+    assert stepped
+    accumfn.step_window(state, optimizer, nn.Module())
+    ref_opt = torch.optim.SGD([ref_weight], lr=0.1)
+    loss(ref_weight, x).backward()
+    ref_opt.step()
+    assert (weight.detach() - ref_weight.detach()).abs().max() < 1e-6
+    assert (weight.detach().imag - ref_weight.detach().imag).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("bad", [None, "optimizer"])
+def test_accumulate_refuses_a_model_that_is_not_a_module(bad: str | None) -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    given = optimizer if bad == "optimizer" else None
+    state = accumfn.init(2)
+    state, _ = accumfn.accumulate(state, mse(model, *data(12, 4)), model)
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    del model  # the model seen last is gone: no cache may stand in for it
+    gc.collect()
+    other = _model()
+    with pytest.raises(ConfigError, match=r"model must be a torch\.nn\.Module"):
+        accumfn.accumulate(state, mse(other, *data(13, 4)), given)  # type: ignore[arg-type]
+    assert all(p.grad is None for p in other.parameters())  # no backward ran
+    assert len(grads) == 4 and state.micro_step == 1
+
+
+def test_a_model_used_with_accumfn_is_freed_when_the_user_drops_it() -> None:
+    refs = []
+    for seed in range(3):
+        model = _model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        state = accumfn.init(1)
+        state, _ = accumfn.accumulate(state, mse(model, *data(seed, 4)), model)
+        accumfn.step_window(state, optimizer, model)
+        accumulator = GradientAccumulator(optimizer, 1)
+        accumulator.accumulate(mse(model, *data(seed, 4)), model)
+        refs.append(weakref.ref(model))
+        del model, optimizer, accumulator, state
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None, None]
