@@ -126,10 +126,10 @@ class WindowGrads:
     def scale_(self, factor: float) -> None:
         """Multiply the gradients by ``factor`` in place (no host-device sync; nothing at 1).
 
-        Dense gradients in one foreach call per device and dtype (fp32, fp64, complex); fp16/bf16 ones
-        are multiplied in fp32 and rounded once, so a factor beyond their range (65504 in
-        fp16) or below their precision never turns them into inf or loses digits; sparse
-        ones one by one.
+        Dense gradients in one foreach call per device and dtype (fp32, fp64, complex);
+        fp16/bf16 ones are multiplied in fp32 and rounded once, so a factor beyond their
+        range (65504 in fp16) or below their precision never turns them into inf or loses
+        digits; sparse ones one by one.
         """
         if factor == 1.0 or not self.grads:
             return
