@@ -60,6 +60,7 @@ def _entry(
     try:
         result = worker(rank, world, *args)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -180,5 +180,6 @@ def rank_main(rank: int, world: int, port: int, workdir: str, timeout: float) ->
         records = _train(rank, job, lambda doing: report_progress(workdir, rank, doing))
         torch.save(records, Path(workdir) / f"rank{rank}.pt")
         report_progress(workdir, rank, "finished")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
