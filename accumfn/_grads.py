@@ -14,11 +14,8 @@ from .errors import ConfigError
 __all__ = [
     "WindowGrads",
     "check_scaler",
-    "clip_grads_",
-    "grad_norm",
     "grads_of",
     "optimizer_params",
-    "params_with_grads",
     "scale_grads_",
     "zero_grads_",
 ]
@@ -52,17 +49,9 @@ def zero_grads_(optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimize
         one.zero_grad(set_to_none=True)
 
 
-def params_with_grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """The parameters among ``params`` that hold a gradient."""
-    return [p for p in params if p.grad is not None]
-
-
 def grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients of ``params`` that exist (one pass, one read of each ``.grad``)."""
     return [grad for param in params if (grad := param.grad) is not None]
-
-
-_grads = grads_of
 
 
 def scale_grads_(params: Iterable[torch.Tensor], factor: float) -> None:
@@ -70,17 +59,6 @@ def scale_grads_(params: Iterable[torch.Tensor], factor: float) -> None:
     ``WindowGrads.scale_``)."""
     if factor != 1.0:
         WindowGrads(grads_of(params)).scale_(factor)
-
-
-def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The 2-norm of all gradients of ``params`` as one vector (see ``WindowGrads.norm``)."""
-    return WindowGrads(grads_of(params)).norm()
-
-
-def clip_grads_(params: Sequence[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:
-    """Scale the gradients of ``params`` so their total norm ``norm`` is at most ``max_norm``
-    (see ``WindowGrads.clip_``)."""
-    WindowGrads(grads_of(params)).clip_(max_norm, norm)
 
 
 def _by_device_and_dtype(
@@ -200,7 +178,7 @@ class WindowGrads:
 
 def clip_grads_by_value_(params: Sequence[torch.Tensor], clip_value: float) -> None:
     """Clamp every gradient entry to ``[-clip_value, clip_value]`` (sparse: its values)."""
-    grads = _grads(params)
+    grads = grads_of(params)
     dense = [g for g in grads if not g.is_sparse]
     if dense:
         torch._foreach_clamp_min_(dense, -clip_value)
