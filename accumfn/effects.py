@@ -185,58 +185,34 @@ def prepare_step(
     and the schedule are checked every time.
     """
     global _checked
-    checked = _checked
-    if scaler is None and checked is not None and checked[0]() is model and model is not None:
-        refs = checked[1]
-        optimizers: tuple[torch.optim.Optimizer, ...] | None = None
-        if len(refs) == 1 and refs[0]() is optimizer:
-            optimizers = (optimizer,)  # type: ignore[assignment]
-        elif (
-            isinstance(optimizer, (list, tuple))
-            and len(optimizer) == len(refs)
-            and all(ref() is item for ref, item in zip(refs, optimizer, strict=True))
-        ):
-            optimizers = tuple(optimizer)
-        if optimizers is not None:
-            if before_step is not None or clip_value is not None:
-                clip_value = check_hooks(before_step, clip_value)
-            schedulers = () if scheduler is None else as_schedulers(scheduler)
-            params = param_set(optimizers)
-            next_window = core.window_after(state)
-            if warn and not checked[2]:
-                warn_untracked(model, optimizers, params.params)
-                _checked = (checked[0], refs, True)
-            return _Window(
-                optimizers,
-                schedulers,
-                None,
-                next_window,
-                params,
-                not warn,
-                before_step,
-                clip_value,
-                optimizer,  # type: ignore[arg-type]
-            )
-    optimizers = as_optimizers(optimizer, hint=_ORDER)
-    check_model(model)
-    check_scaler(scaler)
-    clip_value = check_hooks(before_step, clip_value)
+    optimizers = _remembered(model, optimizer) if scaler is None else None
+    remembered = optimizers is not None
+    warned = remembered and _checked is not None and _checked[2]
+    if optimizers is not None:
+        if before_step is not None or clip_value is not None:
+            clip_value = check_hooks(before_step, clip_value)
+        schedulers = () if scheduler is None else as_schedulers(scheduler)
+    else:
+        optimizers = as_optimizers(optimizer, hint=_ORDER)
+        check_model(model)
+        check_scaler(scaler)
+        clip_value = check_hooks(before_step, clip_value)
+        assert scaler is None or isinstance(scaler, GradScaler)
+        schedulers = as_schedulers(scheduler)
+        check_steppable(optimizers)
     assert isinstance(model, nn.Module)
-    assert scaler is None or isinstance(scaler, GradScaler)
-    schedulers = as_schedulers(scheduler)
-    check_steppable(optimizers)
     params = param_set(optimizers)
-    check_fp16_with_scaler(params.params, scaler, grads=True)
-    claim_scaler(scaler, optimizers)
+    check_fp16_with_scaler(params.params, scaler, grads=True)  # type: ignore[arg-type]
+    claim_scaler(scaler, optimizers)  # type: ignore[arg-type]
     next_window = core.window_after(state)
-    if warn:  # after the boundary's backward: FSDP2 holds its sharded parameters again
+    if warn and not warned:  # after the boundary's backward: FSDP2 holds its params again
         warn_untracked(model, optimizers, params.params)
-    if scaler is None:
-        _checked = (weakref.ref(model), tuple(weakref.ref(o) for o in optimizers), warn)
+    if scaler is None and not (remembered and (warned or not warn)):
+        _checked = (weakref.ref(model), tuple(weakref.ref(o) for o in optimizers), warn or warned)
     return _Window(
         optimizers,
         schedulers,
-        enabled(scaler),
+        enabled(scaler),  # type: ignore[arg-type]
         next_window,
         params,
         not warn,
@@ -244,6 +220,24 @@ def prepare_step(
         clip_value,
         optimizer,  # type: ignore[arg-type]
     )
+
+
+def _remembered(model: object, optimizer: object) -> tuple[torch.optim.Optimizer, ...] | None:
+    """``optimizer`` as a tuple if it and ``model`` are those last checked without a
+    GradScaler (their type checks, duplicates and step signatures need not run again)."""
+    checked = _checked
+    if checked is None or model is None or checked[0]() is not model:
+        return None
+    refs = checked[1]
+    if len(refs) == 1 and refs[0]() is optimizer:
+        return (optimizer,)  # type: ignore[return-value]  # checked when remembered
+    if (
+        isinstance(optimizer, (list, tuple))
+        and len(optimizer) == len(refs)
+        and all(ref() is item for ref, item in zip(refs, optimizer, strict=True))
+    ):
+        return tuple(optimizer)
+    return None
 
 
 def _scaler_step(optimizer: torch.optim.Optimizer, scaler: GradScaler) -> bool:
