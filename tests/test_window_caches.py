@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,6 +20,30 @@ from .support import data, max_param_diff, mse, same, twin
 def _model() -> nn.Module:
     torch.manual_seed(7)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _train(
+    api: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    windows: list[tuple[torch.Tensor, torch.Tensor]],
+    change: Callable[[], None],
+) -> None:
+    """Windows of 3 micro-batches of 4, clipped at 0.1, through ``api``; ``change`` runs
+    before the third window."""
+    state = accumfn.init(3, max_grad_norm=0.1)
+    accumulator = GradientAccumulator(optimizer, 3, max_grad_norm=0.1)
+    for w, (xw, yw) in enumerate(windows):
+        if w == 2:
+            change()
+        for xb, yb in zip(xw.split(4), yw.split(4), strict=True):
+            loss = mse(model, xb, yb)
+            if api == "object":
+                accumulator.accumulate(loss, model)
+                continue
+            state, stepped = accumfn.accumulate(state, loss, model)
+            if stepped:
+                state = accumfn.step_window(state, optimizer, model).state
 
 
 @pytest.mark.parametrize("api", ["functional", "object"])
@@ -48,19 +73,7 @@ def test_a_param_group_added_mid_run_joins_the_window(api: str) -> None:
         ref_opt.step()
 
     optimizer = start(model)
-    state = accumfn.init(3, max_grad_norm=0.1)
-    accumulator = GradientAccumulator(optimizer, 3, max_grad_norm=0.1)
-    for w, (xw, yw) in enumerate(windows):
-        if w == 2:
-            add_body(model, optimizer)
-        for xb, yb in zip(xw.split(4), yw.split(4), strict=True):
-            loss = mse(model, xb, yb)
-            if api == "object":
-                accumulator.accumulate(loss, model)
-                continue
-            state, stepped = accumfn.accumulate(state, loss, model)
-            if stepped:
-                state = accumfn.step_window(state, optimizer, model).state
+    _train(api, model, optimizer, windows, lambda: add_body(model, optimizer))
     assert max_param_diff(model, ref) < 1e-6
     assert all(p.grad is None for p in model.parameters())
 
@@ -131,19 +144,7 @@ def test_a_tensor_swapped_inside_a_param_group_is_covered(api: str) -> None:
         ref_opt.step()
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = accumfn.init(3, max_grad_norm=0.1)
-    accumulator = GradientAccumulator(optimizer, 3, max_grad_norm=0.1)
-    for w, (xw, yw) in enumerate(windows):
-        if w == 2:
-            swap(model, optimizer)
-        for xb, yb in zip(xw.split(4), yw.split(4), strict=True):
-            loss = mse(model, xb, yb)
-            if api == "object":
-                accumulator.accumulate(loss, model)
-                continue
-            state, stepped = accumfn.accumulate(state, loss, model)
-            if stepped:
-                state = accumfn.step_window(state, optimizer, model).state
+    _train(api, model, optimizer, windows, lambda: swap(model, optimizer))
     assert max_param_diff(model, ref) < 1e-6
     assert all(p.grad is None for p in model.parameters())
 
