@@ -96,6 +96,8 @@ def accumulate(
     Item mode: ``loss`` is a sum over ``num_items`` items; gradients are divided by the
     window's item count over all ranks when the window closes. When ``stepped`` is True,
     call ``apply_step``. The input state is never changed; on error nothing is run.
+    ``scaler``: a GradScaler scales the loss; give the same one on every micro-batch of a
+    window and to its step (a mismatch is a ConfigError, before anything runs).
 
     Under DDP/FSDP2 the ranks exchange one small header when a window closes (before its
     backward): a short final window is rescaled by its micro-steps over all ranks, and
@@ -103,9 +105,13 @@ def accumulate(
     """
     if not (type(loss) is torch.Tensor and loss.requires_grad and loss.ndim == 0):
         check_loss(loss)  # raises, saying what is wrong
+    scaled = False
     if scaler is not None:
         check_scaler(scaler)
-    new_state, plan = core.micro_step(state, is_final_batch=is_final_batch, num_items=num_items)
+        scaled = scaler.is_enabled()  # a disabled GradScaler leaves the loss as it is
+    new_state, plan = core.micro_step(
+        state, is_final_batch=is_final_batch, num_items=num_items, scaled=scaled
+    )
     parallel = distributed.strategy(model)
     plain = parallel.kind == "plain"  # one process, no DDP/FSDP: no sync flag, no header
     wide = None if state.config.accum_dtype is None else _wide(state, parallel)
@@ -116,11 +122,12 @@ def accumulate(
             totals = parallel.agree(new_state, final=is_final_batch, reduces=reduces)
             fallback = core.agree(totals)
         parallel.set_backward_sync(plan.reduce_grads)
-    scaled = loss / plan.loss_divisor if plan.loss_divisor != 1 else loss
-    if scaler is not None:
-        scaled = scaler.scale(scaled)
+    divided = loss / plan.loss_divisor if plan.loss_divisor != 1 else loss
+    if scaled:
+        assert scaler is not None
+        divided = scaler.scale(divided)
     try:
-        torch.autograd.backward(scaled)
+        torch.autograd.backward(divided)
     except RuntimeError as exc:
         if "backward through the graph a second time" not in str(exc):
             raise

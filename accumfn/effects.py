@@ -201,6 +201,7 @@ def prepare_step(
         schedulers = as_schedulers(scheduler)
         check_steppable(optimizers)
     assert isinstance(model, nn.Module)
+    core.check_step_scaler(state, enabled(scaler) is not None)  # type: ignore[arg-type]
     params = param_set(optimizers)
     check_fp16_with_scaler(params.params, scaler, grads=True)  # type: ignore[arg-type]
     claim_scaler(scaler, optimizers)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import attrs
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -44,6 +45,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.dropped = 0
         self.items = 0
         self.mode: str | None = None
+        self.scaled: bool | None = None  # whether the window's losses went through a GradScaler
         self.closed = False
         self.window = self._expected_window()
 
@@ -57,30 +59,38 @@ class CoreMachine(RuleBasedStateMachine):
             return self.sizes[min(self.epoch // 2, len(self.sizes) - 1)]
         return self._by_step(self.applied + self.skipped)
 
-    @rule(final=st.booleans(), items=st.one_of(st.none(), st.integers(1, 50)))
-    def micro_step(self, final: bool, items: int | None) -> None:
+    @rule(
+        final=st.booleans(),
+        items=st.one_of(st.none(), st.integers(1, 50)),
+        scaled=st.sampled_from([False, False, False, True]),
+    )
+    def micro_step(self, final: bool, items: int | None, scaled: bool) -> None:
         mode = "mean" if items is None else "items"
         before = self.state
+        step = {"is_final_batch": final, "num_items": items, "scaled": scaled}
         if self.closed:
             try:
-                core.micro_step(self.state, is_final_batch=final, num_items=items)
+                core.micro_step(self.state, **step)  # type: ignore[arg-type]
             except CallOrderError:
                 assert self.state == before
                 return
             raise AssertionError("micro_step on a closed window must raise")
-        if self.mode is not None and mode != self.mode:
+        if (self.mode is not None and mode != self.mode) or (
+            self.scaled is not None and scaled != self.scaled
+        ):
             try:
-                core.micro_step(self.state, is_final_batch=final, num_items=items)
+                core.micro_step(self.state, **step)  # type: ignore[arg-type]
             except ConfigError:
                 assert self.state == before
                 return
-            raise AssertionError("mixing modes in a window must raise")
+            raise AssertionError("mixing modes or loss scaling in a window must raise")
         synced_forward = core.sync_next_forward(self.state)
-        self.state, plan = core.micro_step(self.state, is_final_batch=final, num_items=items)
+        self.state, plan = core.micro_step(self.state, **step)  # type: ignore[arg-type]
         self.micro += 1
         self.total += 1
         self.items += items or 0
         self.mode = mode
+        self.scaled = scaled
         boundary = final or self.micro == self.window
         assert plan.boundary == boundary
         assert plan.reduce_grads == (boundary or self.every)
@@ -100,11 +110,18 @@ class CoreMachine(RuleBasedStateMachine):
             except CallOrderError:
                 return
             raise AssertionError("finish_step without a closed window must raise")
+        for step_scaled in (False, True):  # the step must (un)scale as the window did
+            if step_scaled == self.scaled:
+                core.check_step_scaler(self.state, step_scaled)
+            else:
+                with pytest.raises(ConfigError, match="GradScaler"):
+                    core.check_step_scaler(self.state, step_scaled)
         self.state = core.finish_step(self.state, applied=applied)
         self.applied += applied
         self.skipped += not applied
         self.micro = self.items = 0
         self.mode = None
+        self.scaled = None
         self.closed = False
         self.window = self._expected_window()
 
@@ -122,6 +139,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.epoch += 1
         self.micro = self.items = 0
         self.mode = None
+        self.scaled = None
         self.window = self._expected_window()
 
     @invariant()
@@ -141,6 +159,7 @@ class CoreMachine(RuleBasedStateMachine):
         assert s.effective_step == self.applied + self.skipped
         assert s.dropped_micro_steps == self.dropped and s.window_items == self.items
         assert s.is_accumulating == (self.micro > 0)
+        assert s.window_scaled is self.scaled
 
     @invariant()
     def every_state_passes_the_validators(self) -> None:

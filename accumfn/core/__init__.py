@@ -6,6 +6,7 @@ from ._serialize import FORMAT
 from ._state import AccumConfig, AccumState, MicroPlan, Normalization
 from ._transitions import (
     check_state,
+    check_step_scaler,
     close_window,
     closes_window,
     finish_step,
@@ -31,6 +32,7 @@ __all__ = [
     "WindowTotals",
     "agree",
     "check_state",
+    "check_step_scaler",
     "close_window",
     "closes_window",
     "finish_step",

@@ -40,7 +40,10 @@ _STATE_KEYS: dict[str, tuple[type, ...]] = {
     "skipped_steps": (int,),
     "dropped_micro_steps": (int,),
     "last_grad_norm": _OPT_FLOAT,
+    "window_scaled": (bool, type(None)),
 }
+_STATE_DEFAULTS: dict[str, object] = {"window_scaled": None}
+"""State keys added to format 1 after its first release: None, not recorded."""
 
 
 def state_to_dict(state: AccumState) -> dict[str, Any]:
@@ -67,6 +70,7 @@ def state_to_dict(state: AccumState) -> dict[str, Any]:
         "skipped_steps": state.skipped_steps,
         "dropped_micro_steps": state.dropped_micro_steps,
         "last_grad_norm": state.last_grad_norm,
+        "window_scaled": state.window_scaled,
     }
 
 
@@ -141,6 +145,7 @@ def state_from_dict(data: object, *, schedule: object = None) -> AccumState:
             f"a newer accumfn wrote it, or it is not an accumfn state. Upgrade accumfn or "
             f"start from a fresh state."
         )
+    data = {**_STATE_DEFAULTS, **data}
     _check_keys("state", data, _STATE_KEYS)
     cfg = data["config"]
     if isinstance(cfg, Mapping):
@@ -172,6 +177,7 @@ def state_from_dict(data: object, *, schedule: object = None) -> AccumState:
             last_grad_norm=None
             if data["last_grad_norm"] is None
             else float(data["last_grad_norm"]),
+            window_scaled=data["window_scaled"],
         )
     except StateFormatError:
         raise

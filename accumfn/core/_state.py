@@ -85,6 +85,15 @@ class AccumConfig:
             )
 
 
+def _optional_flag(
+    instance: object, attribute: attrs.Attribute[bool | None], value: object
+) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(
+            f"AccumState.{attribute.name} must be True, False or None, got {value!r}."
+        )
+
+
 def _non_negative(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"AccumState.{attribute.name} must be an int >= 0, got {value!r}.")
@@ -122,6 +131,10 @@ class AccumState:
     """Micro-batches discarded by ``reset_epoch`` with a window open."""
     last_grad_norm: float | None = None
     """Pre-clip gradient norm of the last closed window, when it was read."""
+    window_scaled: bool | None = attrs.field(default=None, validator=_optional_flag)
+    """Whether the open window's losses were scaled by a (enabled) GradScaler, fixed by its
+    first micro-step: the step must get the same scaler. None while the window is empty,
+    and for a state saved before this was recorded (then nothing is checked)."""
 
     def __attrs_post_init__(self) -> None:
         if self.window < 1:
@@ -140,6 +153,8 @@ class AccumState:
             raise ConfigError(
                 "AccumState.grad_scale is 0 only for a closed item-mode window without items."
             )
+        if self.micro_step == 0 and self.window_scaled is not None:
+            raise ConfigError("AccumState.window_scaled must be None while the window is empty.")
         if (self.window_norm is None) != (self.micro_step == 0):
             raise ConfigError(
                 "AccumState.window_norm must be set exactly when the window holds micro-steps."

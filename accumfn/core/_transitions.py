@@ -24,6 +24,7 @@ from ._state import (
 
 __all__ = [
     "check_state",
+    "check_step_scaler",
     "close_window",
     "closes_window",
     "finish_step",
@@ -39,7 +40,9 @@ __all__ = [
 _MEAN = Normalization.MEAN
 _ITEMS = Normalization.ITEMS
 
-_count_micro_step = state_evolver("micro_step", "window_norm", "window_items", "total_micro_steps")
+_count_micro_step = state_evolver(
+    "micro_step", "window_norm", "window_items", "total_micro_steps", "window_scaled"
+)
 _close = state_evolver("closed", "grad_scale")
 _open_next = state_evolver(
     "window",
@@ -51,6 +54,7 @@ _open_next = state_evolver(
     "optimizer_steps",
     "skipped_steps",
     "last_grad_norm",
+    "window_scaled",
 )
 
 
@@ -111,10 +115,32 @@ def _mode_error(state: AccumState, items: int | None) -> NoReturn:
     )
 
 
+def _scaling_error(scaled: bool) -> NoReturn:
+    if scaled:
+        raise ConfigError(
+            "this micro-batch's loss is scaled by a GradScaler but the window's earlier ones "
+            "were not: their gradients would be summed at different scales. Pass the same "
+            "scaler= to accumulate on every micro-batch of a window, or on none."
+        )
+    raise ConfigError(
+        "this micro-batch came without the GradScaler the window's earlier losses were "
+        "scaled by: their gradients would be summed at different scales. Pass the same "
+        "scaler= to accumulate on every micro-batch of a window."
+    )
+
+
 def micro_step(
-    state: AccumState, *, is_final_batch: bool = False, num_items: object = None
+    state: AccumState,
+    *,
+    is_final_batch: bool = False,
+    num_items: object = None,
+    scaled: bool = False,
 ) -> tuple[AccumState, MicroPlan]:
-    """Account one micro-batch; return the new state and what the shell must do for it."""
+    """Account one micro-batch; return the new state and what the shell must do for it.
+
+    ``scaled``: the loss is scaled by an enabled GradScaler; every micro-batch of a window
+    must agree, and the window's step must unscale (``check_step_scaler``).
+    """
     if not isinstance(state, AccumState):
         check_state(state)
     if state.closed:
@@ -127,6 +153,11 @@ def micro_step(
             f"is_final_batch must be True or False, got {is_final_batch!r}; pass e.g. "
             f"is_final_batch=(batch_idx == len(dataloader) - 1)."
         )
+    held = state.window_scaled
+    if held is not scaled and (held is not None or not isinstance(scaled, bool)):
+        if not isinstance(scaled, bool):
+            raise ConfigError(f"scaled must be True or False, got {scaled!r}.")
+        _scaling_error(scaled)
     window = state.window
     taken = state.micro_step + 1
     boundary = is_final_batch or taken >= window
@@ -136,7 +167,7 @@ def micro_step(
         if state.window_norm is _ITEMS:
             _mode_error(state, None)
         new_state = _count_micro_step(
-            state, taken, _MEAN, state.window_items, state.total_micro_steps + 1
+            state, taken, _MEAN, state.window_items, state.total_micro_steps + 1, scaled
         )
         plan = _PLANS.get(4 * window + 2 * boundary + reduce)
         if plan is None:
@@ -146,7 +177,7 @@ def micro_step(
     if state.window_norm is _MEAN:
         _mode_error(state, items)
     new_state = _count_micro_step(
-        state, taken, _ITEMS, state.window_items + items, state.total_micro_steps + 1
+        state, taken, _ITEMS, state.window_items + items, state.total_micro_steps + 1, scaled
     )
     plan = micro_plan(1, boundary, reduce)
     return new_state, plan
@@ -181,6 +212,26 @@ def close_window(
         steps = check_count("the window's micro-steps over all ranks", steps)
         scale = averaged_over * state.window / steps
     return _close(state, True, scale)
+
+
+def check_step_scaler(state: AccumState, scaled: bool) -> None:
+    """ConfigError unless the window's step is given a GradScaler exactly when its losses
+    were scaled by one (``scaled``: the step has an enabled GradScaler). A state that did
+    not record it (saved before it was) is not checked."""
+    held = check_state(state).window_scaled
+    if held is None or held is scaled:
+        return
+    if held:
+        raise ConfigError(
+            "this window's losses were scaled by a GradScaler (accumulate(..., scaler=...)) "
+            "but its step was given none: its gradients still carry the loss scale. Pass the "
+            "same GradScaler to the step: apply_step/step_window(..., scaler=scaler)."
+        )
+    raise ConfigError(
+        "this window's step was given a GradScaler but its losses were accumulated without "
+        "one: unscaling would divide its gradients by the loss scale. Pass the GradScaler to "
+        "accumulate on every micro-batch as well (scaler=scaler), or to neither."
+    )
 
 
 def closes_window(state: AccumState, is_final_batch: object = False) -> bool:
@@ -231,6 +282,7 @@ def finish_step(
         state.optimizer_steps + int(applied),
         state.skipped_steps + int(not applied),
         grad_norm,
+        None,
     )
 
 
@@ -255,6 +307,7 @@ def start_epoch(state: AccumState) -> tuple[AccumState, int]:
         micro_step=0,
         window_norm=None,
         window_items=0,
+        window_scaled=None,
         dropped_micro_steps=state.dropped_micro_steps + dropped,
     )
     return _reopen(fresh), dropped
