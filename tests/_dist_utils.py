@@ -79,13 +79,21 @@ def run_ranks(
         )
         assert context is not None
         deadline = time.monotonic() + timeout
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                    process.join()
-                raise TimeoutError(f"distributed worker did not finish within {timeout} s")
-        return [torch.load(Path(out) / f"rank{rank}.pt") for rank in range(world)]
+        files = [Path(out) / f"rank{rank}.pt" for rank in range(world)]
+        try:
+            while not context.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    for process in context.processes:
+                        process.kill()
+                        process.join()
+                    raise TimeoutError(f"distributed worker did not finish within {timeout} s")
+        except mp.ProcessExitedException:
+            # gloo sometimes aborts a rank in its own teardown ("terminate called without an
+            # active exception") after every rank has written its result: those results are
+            # what the test asserts on. A rank that died before writing still fails here.
+            if not all(path.exists() for path in files):
+                raise
+        return [torch.load(path) for path in files]
 
 
 def token_model(seed: int = 0) -> nn.Module:
