@@ -14,6 +14,7 @@ from . import _accum_buffer as buffers
 from . import _distributed as distributed
 from . import core
 from ._grads import check_scaler
+from ._window import enabled
 from .core import AccumState
 from .errors import CallOrderError, ConfigError, LossError
 
@@ -105,12 +106,11 @@ def accumulate(
     """
     if not (type(loss) is torch.Tensor and loss.requires_grad and loss.ndim == 0):
         check_loss(loss)  # raises, saying what is wrong
-    scaled = False
     if scaler is not None:
         check_scaler(scaler)
-        scaled = scaler.is_enabled()  # a disabled GradScaler leaves the loss as it is
+        scaler = enabled(scaler)  # a disabled GradScaler leaves the loss as it is
     new_state, plan = core.micro_step(
-        state, is_final_batch=is_final_batch, num_items=num_items, scaled=scaled
+        state, is_final_batch=is_final_batch, num_items=num_items, scaled=scaler is not None
     )
     parallel = distributed.strategy(model)
     plain = parallel.kind == "plain"  # one process, no DDP/FSDP: no sync flag, no header
@@ -122,12 +122,11 @@ def accumulate(
             totals = parallel.agree(new_state, final=is_final_batch, reduces=reduces)
             fallback = core.agree(totals)
         parallel.set_backward_sync(plan.reduce_grads)
-    divided = loss / plan.loss_divisor if plan.loss_divisor != 1 else loss
-    if scaled:
-        assert scaler is not None
-        divided = scaler.scale(divided)
+    scaled = loss / plan.loss_divisor if plan.loss_divisor != 1 else loss
+    if scaler is not None:
+        scaled = scaler.scale(scaled)
     try:
-        torch.autograd.backward(divided)
+        torch.autograd.backward(scaled)
     except RuntimeError as exc:
         if "backward through the graph a second time" not in str(exc):
             raise

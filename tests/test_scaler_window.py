@@ -154,3 +154,10 @@ def test_window_scaled_must_be_none_while_the_window_is_empty() -> None:
         attrs.evolve(accumfn.init(2), window_scaled=True)
     with pytest.raises(ConfigError, match="window_scaled must be True, False or None"):
         attrs.evolve(accumfn.init(2), window_scaled=1)
+
+
+def test_micro_step_takes_scaled_as_a_bool_only() -> None:
+    state = accumfn.init(2)
+    with pytest.raises(ConfigError, match="scaled must be True or False, got 1"):
+        accumfn.core.micro_step(state, scaled=1)  # type: ignore[arg-type]
+    assert accumfn.core.micro_step(state, scaled=True)[0].window_scaled is True

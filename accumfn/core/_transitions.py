@@ -153,10 +153,9 @@ def micro_step(
             f"is_final_batch must be True or False, got {is_final_batch!r}; pass e.g. "
             f"is_final_batch=(batch_idx == len(dataloader) - 1)."
         )
-    held = state.window_scaled
-    if held is not scaled and (held is not None or not isinstance(scaled, bool)):
-        if not isinstance(scaled, bool):
-            raise ConfigError(f"scaled must be True or False, got {scaled!r}.")
+    if scaled is not False and scaled is not True:
+        raise ConfigError(f"scaled must be True or False, got {scaled!r}.")
+    if state.window_scaled is not None and state.window_scaled is not scaled:
         _scaling_error(scaled)
     window = state.window
     taken = state.micro_step + 1
