@@ -9,17 +9,17 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from accumfn.testing import _spawn as spawn
+from accumfn.testing._spawn import FINISHED, connect, report_progress
 
 __all__ = [
     "Batch",
@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 WORLD = 2
+_GLOO_TIMEOUT_S = 60.0
+"""How long a rank waits in a gloo collective before gloo raises."""
 FEATURES, HIDDEN, CLASSES, SEQ = 8, 16, 5, 6
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -40,26 +42,27 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago (for torchrun's --master_port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 def _entry(
-    rank: int, worker: Callable[..., Any], port: int, world: int, out: str, args: tuple[Any, ...]
+    rank: int,
+    world: int,
+    port: int,
+    out: str,
+    timeout: float,
+    worker: Callable[..., Any],
+    args: tuple[Any, ...],
 ) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    connect(rank, world, port, _GLOO_TIMEOUT_S)
     try:
         result = worker(rank, world, *args)
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+        report_progress(out, rank, FINISHED)
         dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
@@ -68,32 +71,15 @@ def _entry(
 def run_ranks(
     worker: Callable[..., Any], *args: Any, world: int = WORLD, timeout: float = 120.0
 ) -> list[Any]:
-    """Run ``worker(rank, world, *args)`` on ``world`` gloo ranks; return each rank's result."""
+    """Run ``worker(rank, world, *args)`` on ``world`` gloo ranks; return each rank's result.
+
+    ``accumfn.testing``'s rank runner does the spawning: a rank that raises, dies or is
+    still running after ``timeout`` seconds is a ``RankFailedError``, and none is left
+    running.
+    """
     with tempfile.TemporaryDirectory() as out:
-        context = mp.start_processes(
-            _entry,
-            args=(worker, free_port(), world, out, args),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-        assert context is not None
-        deadline = time.monotonic() + timeout
-        files = [Path(out) / f"rank{rank}.pt" for rank in range(world)]
-        try:
-            while not context.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    for process in context.processes:
-                        process.kill()
-                        process.join()
-                    raise TimeoutError(f"distributed worker did not finish within {timeout} s")
-        except mp.ProcessExitedException:
-            # gloo sometimes aborts a rank in its own teardown ("terminate called without an
-            # active exception") after every rank has written its result: those results are
-            # what the test asserts on. A rank that died before writing still fails here.
-            if not all(path.exists() for path in files):
-                raise
-        return [torch.load(path) for path in files]
+        spawn.run_ranks(_entry, world, out, timeout, (worker, args))
+        return [torch.load(Path(out) / f"rank{rank}.pt") for rank in range(world)]
 
 
 def token_model(seed: int = 0) -> nn.Module:

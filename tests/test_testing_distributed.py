@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from accumfn.errors import ConfigError
 from accumfn.testing import RankFailedError, assert_equivalent
+from accumfn.testing._spawn import FINISHED, every_rank_finished, report_progress, run_ranks
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 CLASSES = 4
@@ -249,6 +252,28 @@ def test_hanging_rank_becomes_an_error_at_the_timeout() -> None:
     assert error.value.ranks == (0, 1)
     assert "did not finish within 30 s, so its 2 ranks were killed" in message
     assert "rank 1 at 'wrapping the model (wrap=hang_on_rank1)'" in message
+    assert multiprocessing.active_children() == []
+
+
+def _abort_on_rank0(rank: int, world: int, port: int, workdir: str, timeout: float) -> None:
+    """Rank 0 aborts as gloo's teardown sometimes does; ``finished``: after reporting so."""
+    if Path(workdir).name.endswith("finished"):
+        report_progress(workdir, rank, FINISHED)
+        deadline = time.monotonic() + 20
+        while not every_rank_finished(workdir, world) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    if rank == 0:
+        os.abort()
+
+
+@pytest.mark.parametrize("when", ["finished", "working"])
+def test_rank_aborting_counts_only_before_every_rank_finished(when: str) -> None:
+    with tempfile.TemporaryDirectory(suffix=when) as workdir:
+        if when == "finished":  # the results are written: gloo's teardown abort is no failure
+            run_ranks(_abort_on_rank0, 2, workdir, 30.0, ())
+        else:
+            with pytest.raises(RankFailedError, match="rank 0 of 2 ended with signal SIGABRT"):
+                run_ranks(_abort_on_rank0, 2, workdir, 30.0, ())
     assert multiprocessing.active_children() == []
 
 

@@ -22,7 +22,7 @@ from .. import core
 from ..accumulate import accumulate, prepare_forward
 from ..effects import LRScheduler, step_window
 from ..errors import ConfigError
-from ._spawn import connect, report_progress
+from ._spawn import FINISHED, connect, report_progress
 
 __all__ = ["WRAPS", "RankJob", "WindowRecord", "describe", "load_weights", "rank_main"]
 
@@ -179,7 +179,7 @@ def rank_main(rank: int, world: int, port: int, workdir: str, timeout: float) ->
         job: RankJob = torch.load(Path(workdir) / "job.pt", weights_only=False)
         records = _train(rank, job, lambda doing: report_progress(workdir, rank, doing))
         torch.save(records, Path(workdir) / f"rank{rank}.pt")
-        report_progress(workdir, rank, "finished")
+        report_progress(workdir, rank, FINISHED)
         dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()

@@ -23,7 +23,14 @@ from torch.multiprocessing.spawn import (
 
 from ..errors import AccumError
 
-__all__ = ["RankFailedError", "connect", "report_progress", "run_ranks"]
+__all__ = [
+    "FINISHED",
+    "RankFailedError",
+    "connect",
+    "every_rank_finished",
+    "report_progress",
+    "run_ranks",
+]
 
 _GRACE_S = 2.0
 """After one rank fails, how long the others get to stop before they are killed."""
@@ -47,6 +54,16 @@ def report_progress(workdir: str, rank: int, doing: str) -> None:
     _progress_file(workdir, rank).write_text(doing)
 
 
+FINISHED = "finished"
+"""What a rank reports once its results are written, before it tears gloo down."""
+
+
+def every_rank_finished(workdir: str, world: int) -> bool:
+    """Whether every rank reported ``FINISHED``."""
+    paths = [_progress_file(workdir, rank) for rank in range(world)]
+    return all(path.exists() and path.read_text() == FINISHED for path in paths)
+
+
 def _where(workdir: str, rank: int) -> str:
     path = _progress_file(workdir, rank)
     return repr(path.read_text()) if path.exists() else "'starting the process'"
@@ -66,7 +83,9 @@ def run_ranks(
 
     Returns when every rank has finished. Raises ``RankFailedError`` naming the rank when one
     raises or exits, or naming where each rank was when ``timeout`` seconds pass; no rank
-    is left running either way.
+    is left running either way. A rank that ends abnormally after every rank reported
+    ``FINISHED`` is not a failure: gloo sometimes aborts a process in its own teardown
+    ("terminate called without an active exception"), after the results are written.
     """
     store = dist.TCPStore(  # type: ignore[attr-defined]
         "127.0.0.1", 0, None, True, timeout=timedelta(seconds=timeout), wait_for_workers=False
@@ -94,6 +113,8 @@ def run_ranks(
             [rank],
         ) from None
     except ProcessExitedException as exc:
+        if every_rank_finished(workdir, world):
+            return
         rank = exc.error_index
         how = f"signal {exc.signal_name}" if exc.signal_name else f"exit code {exc.exit_code}"
         raise RankFailedError(
