@@ -33,24 +33,16 @@ def _rank_zero_worker(rank: int, world: int, out: str) -> dict[str, Any]:
     folder = Path(out)
     # Rank 0 makes its tracker and writes first; rank 1 makes the same sinks only after:
     # a sink that truncated its file on a silent rank would erase rank 0's rows.
-    if rank == 0:
-        tracker = MetricsTracker(
-            use_wandb=True,
-            sinks=[JsonlSink(folder / "shared.jsonl"), TensorBoardSink(folder / "tb")],
-            wandb_init={"project": "accumfn-test", "id": "rankzero"},
-        )
-        _log(tracker, rank, range(STEPS))
-        tracker.flush()
-    dist.barrier()
-    if rank == 1:
-        tracker = MetricsTracker(
-            use_wandb=True,
-            sinks=[JsonlSink(folder / "shared.jsonl"), TensorBoardSink(folder / "tb")],
-            wandb_init={"project": "accumfn-test", "id": "rankone"},
-        )
-        _log(tracker, rank, range(STEPS))
-        tracker.flush()
-    dist.barrier()
+    for turn, run_id in enumerate(["rankzero", "rankone"]):
+        if rank == turn:
+            tracker = MetricsTracker(
+                use_wandb=True,
+                sinks=[JsonlSink(folder / "shared.jsonl"), TensorBoardSink(folder / "tb")],
+                wandb_init={"project": "accumfn-test", "id": run_id},
+            )
+            _log(tracker, rank, range(STEPS))
+            tracker.flush()
+        dist.barrier()
     _log(tracker, rank, range(STEPS, 2 * STEPS))
     stale = None
     try:
