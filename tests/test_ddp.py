@@ -206,12 +206,12 @@ def test_one_all_reduce_round_per_window(ranks: list[dict[str, Any]], name: str)
 def test_window_header_is_one_small_all_reduce_per_window(
     ranks: list[dict[str, Any]], name: str
 ) -> None:
-    """Micro-steps, items and flags of the closing window: one int64 all-reduce of 7 values."""
+    """Micro-steps, items and flags of the closing window: one int64 all-reduce of 8 values."""
     for result in ranks:
         run = result[name]
         headers = [w for w, dtype, numel in run["all_reduces"] if dtype == "torch.int64"]
         assert headers == list(range(run["windows"]))
-        assert {numel for _, dtype, numel in run["all_reduces"] if dtype == "torch.int64"} == {7}
+        assert {numel for _, dtype, numel in run["all_reduces"] if dtype == "torch.int64"} == {8}
 
 
 def test_naive_loop_all_reduces_every_micro_step(ranks: list[dict[str, Any]]) -> None:

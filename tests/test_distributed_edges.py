@@ -529,6 +529,44 @@ def test_ranks_of_different_lengths_raise_on_every_rank(
         assert "DistributedSampler" in result["message"]
 
 
+def _scaler_on_rank0_only(rank: int, world: int, wrap: str) -> dict[str, Any]:
+    """Rank 0 scales its losses with a GradScaler, rank 1 does not."""
+    os.environ["ACCUMFN_SYNC_TIMEOUT"] = "20"
+    model = token_model(100)
+    if wrap == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    else:
+        model = DistributedDataParallel(model)
+    before = full_params(model)
+    optimizer = sgd(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if rank == 0 else None
+    state = accumfn.init(2)
+    accumfn.prepare_forward(state, model)
+    try:
+        for batch in ranked_data(21, [[2], [2]], ragged=False)[rank][0]:
+            loss = token_loss(model, batch, "mean")
+            state, stepped = accumfn.accumulate(state, loss, model, scaler=scaler)
+            if stepped:
+                state = accumfn.apply_step(state, optimizer, model, scaler=scaler)
+        result = {"type": None}
+    except accumfn.AccumError as exc:
+        result = _error(exc)
+    after = full_params(model)
+    result["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    return result
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_a_grad_scaler_on_some_ranks_only_raises_on_every_rank(wrap: str) -> None:
+    for result in run_ranks(_scaler_on_rank0_only, wrap, timeout=90):
+        assert result["type"] == "RankMismatchError"
+        assert "1 of 2 ranks scaled this window's losses with a GradScaler" in result["message"]
+        assert "same scaler= to accumulate and the step on every rank" in result["message"]
+        assert result["unchanged"]
+
+
 def _lonely_boundary(rank: int, world: int) -> dict[str, Any]:
     """Rank 1 never closes its window: rank 0's header waits, then says why."""
     os.environ["ACCUMFN_SYNC_TIMEOUT"] = "3"

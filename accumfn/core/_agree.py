@@ -28,6 +28,7 @@ def window_header(state: AccumState, *, final: bool, reduces: bool) -> list[int]
         int(state.window_norm is Normalization.ITEMS),
         int(final),
         int(reduces),
+        int(state.window_scaled is True),
     ]
 
 
@@ -48,6 +49,8 @@ class WindowTotals:
     """Ranks that closed this window with ``is_final_batch``."""
     reduces: int
     """Ranks whose boundary backward reduces gradients by itself."""
+    scaled: int
+    """Ranks whose window's losses were scaled by a GradScaler."""
 
     @classmethod
     def from_sums(cls, sums: Sequence[int]) -> WindowTotals:
@@ -66,7 +69,8 @@ def agree(totals: WindowTotals) -> bool:
     """Check that the ranks can close this window together; return whether the gradients
     need the fallback reduction (no rank's backward reduced them).
 
-    Raises ``RankMismatchError`` when only some ranks are in item mode, only some ended
+    Raises ``RankMismatchError`` when only some ranks are in item mode, only some scaled
+    their losses with a GradScaler, only some ended
     their data (``is_final_batch``), or only some ran a reducing backward (a full window on
     one rank, a short final window on another): those ranks would otherwise wait on
     collectives the others never issue, or average different things.
@@ -82,6 +86,12 @@ def agree(totals: WindowTotals) -> bool:
         raise RankMismatchError(
             f"{totals.item_mode} of {ranks} ranks passed num_items in this window and the "
             f"others did not: pass num_items on every rank, or on none."
+        )
+    if _some(totals.scaled, ranks):
+        raise RankMismatchError(
+            f"{totals.scaled} of {ranks} ranks scaled this window's losses with a GradScaler "
+            f"and the others did not: their gradients would be averaged at different scales. "
+            f"Pass the same scaler= to accumulate and the step on every rank, or on none."
         )
     if _some(totals.final, ranks):
         raise RankMismatchError(
