@@ -86,6 +86,7 @@ def train(
     forwards_first: bool = False,
     loss_fn: Callable[[nn.Module, Batch, str], torch.Tensor] = token_loss,
     state: accumfn.AccumState | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> accumfn.AccumState:
     """The functional loop over this rank's windows; is_final_batch on the very last one."""
     state = accumfn.init(window) if state is None else state
@@ -103,9 +104,10 @@ def train(
                 model,
                 is_final_batch=final,
                 num_items=items(batch) if item_mode else None,
+                scaler=scaler,
             )
             if stepped:
-                state = accumfn.apply_step(state, optimizer, model)
+                state = accumfn.apply_step(state, optimizer, model, scaler=scaler)
     return state
 
 
@@ -326,6 +328,27 @@ def _wide_accumulation(rank: int, world: int) -> dict[str, Any]:
     return {"params": full_params(model), "reference": large_batch(reference, sgd(reference), data)}
 
 
+def _scaled(rank: int, wrap: str) -> dict[str, Any]:
+    """A GradScaler on every rank (power-of-two scale: exact), short final windows."""
+    lengths = [[4, 3], [4, 2]] if wrap == "ddp" else [[4, 2], [4, 2]]
+    data = ranked_data(22, lengths, ragged=False)
+    model = token_model(100)
+    if wrap == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    else:
+        model = DistributedDataParallel(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    state = train(model, sgd(model), data[rank], 4, False, scaler=scaler)
+    reference = token_model(100)
+    return {
+        "params": full_params(model),
+        "reference": large_batch(reference, sgd(reference), data),
+        "steps": state.optimizer_steps,
+    }
+
+
 def _exact_worker(rank: int, world: int) -> dict[str, Any]:
     torch.manual_seed(0)
     return {
@@ -338,6 +361,8 @@ def _exact_worker(rank: int, world: int) -> dict[str, Any]:
         "explicit-group": _explicit_group(rank, world),
         "flush-zero-items": _flush_zero_items(rank, world),
         "accum-dtype": _wide_accumulation(rank, world),
+        "grad-scaler-ddp": _scaled(rank, "ddp"),
+        "grad-scaler-fsdp2": _scaled(rank, "fsdp2"),
     }
 
 
@@ -412,6 +437,8 @@ EXACT = [
     "explicit-group",
     "flush-zero-items",
     "accum-dtype",
+    "grad-scaler-ddp",
+    "grad-scaler-fsdp2",
 ]
 
 
