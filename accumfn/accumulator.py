@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import attrs
 import torch
@@ -27,14 +27,24 @@ from ._window import (
 )
 from .accumulate import accumulate, check_loss, flush, prepare_forward
 from .core import AccumState
+from .core._schedule import Constant
 from .effects import check_hooks, check_model, prepare_step, reset_epoch, run_step
-from .errors import ConfigError, StepError
+from .errors import CallOrderError, ConfigError, StepError
 from .lightning import check_conflict, trainer_accumulation
 
 if TYPE_CHECKING:
     from .config import AccumulationConfig
 
 __all__ = ["AccumulationStats", "GradientAccumulator"]
+
+_PENDING = (
+    "The window's step could not run after its last backward: its gradients are kept and "
+    "nothing was stepped. Fix the cause, call accumulator.flush() to step the window, then "
+    "compute the next loss (a loss computed before that step saw the old parameters)."
+)
+
+_NO_MODEL = object()
+"""``_checked_model`` until a model is checked: no argument is it, so the check runs."""
 
 
 @attrs.frozen
@@ -58,6 +68,31 @@ class AccumulationStats:
     """Windows skipped for non-finite gradients (GradScaler or ``skip_nonfinite``)."""
 
 
+_T = TypeVar("_T")
+
+
+class _StepSetting(Generic[_T]):
+    """An attribute the step checks (optimizer, scaler, ...): assigning it makes the next
+    window boundary run the step's checks before its backward again."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = "_" + name
+
+    @overload
+    def __get__(self, accumulator: None, owner: type) -> _StepSetting[_T]: ...
+    @overload
+    def __get__(self, accumulator: GradientAccumulator, owner: type) -> _T: ...
+    def __get__(self, accumulator: GradientAccumulator | None, owner: type) -> Any:
+        if accumulator is None:
+            return self
+        return getattr(accumulator, self._slot)
+
+    def __set__(self, accumulator: GradientAccumulator, value: _T) -> None:
+        # Through setattr, not __dict__: a dict asked for leaves every attribute slower.
+        setattr(accumulator, self._slot, value)
+        accumulator._settled = None
+
+
 class GradientAccumulator:
     """Accumulate gradients over micro-batches, step like one large batch.
 
@@ -69,8 +104,14 @@ class GradientAccumulator:
 
     What a step needs is checked here (an optimizer needing a closure, a scheduler needing
     arguments, a GradScaler over fp16 parameters or shared with another accumulator) and
-    the next window's size before each boundary's backward, so such errors change nothing.
-    If the optimizer or scheduler still raises in a step, ``accumulate`` raises
+    before a boundary's backward whenever it may fail there, so such errors change
+    nothing: at the first boundary, after ``optimizer``, ``scaler``, ``scheduler``,
+    ``before_step`` or ``clip_value`` is assigned, and at every boundary with a GradScaler,
+    several optimizers, a list of schedulers or a window size that varies. Otherwise the
+    checks, passed before by the same objects, run after the backward as ``step_window``
+    runs them; should one still fail (an object changed in place, such as a scheduler's
+    ``step`` replaced), the window keeps its gradients for ``flush`` to step once the
+    cause is fixed. If the optimizer or scheduler still raises in a step, ``accumulate`` raises
     ``StepError`` and the accumulator continues from the next window (the failed one
     counted as skipped, or as applied if every optimizer had stepped).
 
@@ -79,6 +120,18 @@ class GradientAccumulator:
     ``track_grad_norm=True``; without them no norm is computed and it reads nan. It stays
     on the device until read (one host-device sync, at the read).
     """
+
+    optimizer: _StepSetting[Optimizers] = _StepSetting()
+    scaler: _StepSetting[GradScaler | None] = _StepSetting()
+    scheduler: _StepSetting[Schedulers | None] = _StepSetting()
+    before_step: _StepSetting[Callable[[Optimizers], object] | None] = _StepSetting()
+    clip_value: _StepSetting[float | None] = _StepSetting()
+    # Where they are kept (read directly on the hot path).
+    _optimizer: Optimizers
+    _scaler: GradScaler | None
+    _scheduler: Schedulers | None
+    _before_step: Callable[[Optimizers], object] | None
+    _clip_value: float | None
 
     def __init__(
         self,
@@ -132,19 +185,22 @@ class GradientAccumulator:
         self._norm: torch.Tensor | None = None
         self._track_grad_norm = track_grad_norm
         self._model: nn.Module | None = None
-        self._checked_model: object = None
+        self._checked_model: object = _NO_MODEL  # (never matched under Lightning)
         self._warned_model: object = None
+        # The model whose boundaries may run the step's checks after the backward: set when
+        # they passed and nothing they check can change unseen (see _settles).
+        self._settled: object = None
 
     # -- the step ---------------------------------------------------------------------------
     def _prepare_step(self, state: AccumState, model: nn.Module, *, warn: bool = True) -> Any:
         return prepare_step(
             state,
-            self.optimizer,
+            self._optimizer,
             model,
-            self.scaler,
-            self.scheduler,
-            before_step=self.before_step,
-            clip_value=self.clip_value,
+            self._scaler,
+            self._scheduler,
+            before_step=self._before_step,
+            clip_value=self._clip_value,
             warn=warn,
         )
 
@@ -154,7 +210,7 @@ class GradientAccumulator:
         ``process_group``: see ``accumfn.prepare_forward``.
         """
         self._model = model
-        self._checked_model = None  # the next accumulate checks (and keeps) its model again
+        self._checked_model = _NO_MODEL  # the next accumulate checks (and keeps) its model
         prepare_forward(self._state, model, process_group=process_group)
 
     def accumulate(
@@ -168,6 +224,29 @@ class GradientAccumulator:
 
         Under Lightning management this only checks the loss and returns True.
         """
+        state = self._state
+        if model is self._checked_model and not core.closes_window(state, is_final_batch):
+            # A micro-step inside the window, with the model already checked.
+            self._state, stepped = accumulate(
+                state,
+                loss,
+                model,
+                is_final_batch=is_final_batch,
+                num_items=num_items,
+                scaler=self._scaler,
+            )
+            return stepped
+        return self._accumulate(state, loss, model, is_final_batch, num_items)
+
+    def _accumulate(
+        self,
+        state: AccumState,
+        loss: torch.Tensor,
+        model: nn.Module,
+        is_final_batch: bool,
+        num_items: int | None,
+    ) -> bool:
+        """``accumulate`` for a window's last micro-step, a new model, or under Lightning."""
         if self._lightning:
             check_loss(loss)
             self._lightning_calls += 1
@@ -175,28 +254,65 @@ class GradientAccumulator:
         if model is not self._checked_model:
             check_model(model, hint="")
             self._checked_model = self._model = model
-        state = self._state
+        if state.closed:  # a window whose step's checks raised after its backward
+            raise CallOrderError(_PENDING)
         window = None
-        if core.closes_window(state, is_final_batch):
+        if core.closes_window(state, is_final_batch) and self._settled is not model:
             # The step's checks, before the backward: an error here changes nothing.
             window = self._prepare_step(state, model, warn=False)
+            self._settled = model if self._settles() else None
         state, stepped = accumulate(
             state,
             loss,
             model,
             is_final_batch=is_final_batch,
             num_items=num_items,
-            scaler=self.scaler,
+            scaler=self._scaler,
         )
         self._state = state
         if stepped:
-            if window is None:  # closes_window mirrors micro_step; never reached
-                window = self._prepare_step(state, model)
+            if window is None:
+                window = self._prepare_late(state, model)
             if model is not self._warned_model:  # once per model: the optimizers are fixed
                 warn_untracked(model, window.optimizers, window_params(window.optimizers))
                 self._warned_model = model
             self._step(state, window, model)
         return stepped
+
+    def _settles(self) -> bool:
+        """Whether the step's checks, once passed, pass at every later boundary until an
+        attribute they read is assigned: no GradScaler, one optimizer (a single optimizer's
+        parameters cannot be shared with another), no list of schedulers (a list can change
+        in place) and a constant window. Then the checks run after the boundary's backward,
+        as ``step_window`` runs them."""
+        return (
+            self._scaler is None
+            and isinstance(self._optimizer, torch.optim.Optimizer)
+            and not isinstance(self._scheduler, (list, tuple))
+            and type(self._state.config.schedule) is Constant
+        )
+
+    def _prepare_late(self, state: AccumState, model: nn.Module) -> Any:
+        """The step's checks after the boundary's backward (settled boundaries only).
+
+        They passed at an earlier boundary with the same objects; should one still raise
+        (an object changed in place), the closed window is kept with its gradients for
+        ``flush`` (or ``reset_epoch``) to step once the cause is fixed.
+        """
+        try:
+            return self._prepare_step(state, model)
+        except Exception as exc:
+            self._settled = None
+            self._checked_model = _NO_MODEL
+            add_note = getattr(exc, "add_note", None)  # Python 3.11+
+            if add_note is not None:
+                add_note(_PENDING)
+            raise
+
+    def _step_pending(self, model: nn.Module) -> None:
+        """Step a closed window whose checks raised after its backward (see _prepare_late)."""
+        window = self._prepare_step(self._state, model)
+        self._step(self._state, window, model)
 
     def _step(self, state: AccumState, window: Any, model: nn.Module) -> None:
         """Run a closed window's checked step; keep the state to continue from either way."""
@@ -222,10 +338,13 @@ class GradientAccumulator:
         if model is not None:
             check_model(model, hint="")
             self._model = model
-            self._checked_model = None
+            self._checked_model = _NO_MODEL
         if self._model is None:
             return False
         model = self._model
+        if self._state.closed:  # a step that could not run after its backward
+            self._step_pending(model)
+            return True
         # The step's checks come first, so an error there changes nothing.
         window = self._prepare_step(self._state, model) if self._state.is_accumulating else None
         state, stepped = flush(self._state, model)
@@ -242,7 +361,9 @@ class GradientAccumulator:
         micro-batches are counted in ``state.dropped_micro_steps`` and a warning is issued.
         Pass ``is_final_batch=True`` on the last micro-batch to apply them instead.
         """
-        self._state = reset_epoch(self._state, self.optimizer, self._model)
+        if self._state.closed and self._model is not None:  # a step still to run: apply it
+            self._step_pending(self._model)
+        self._state = reset_epoch(self._state, self._optimizer, self._model)
 
     # -- what it reports ----------------------------------------------------------------------
     @property
@@ -317,6 +438,7 @@ class GradientAccumulator:
             allow_config_change=allow_config_change,
         )
         self._norm = None
+        self._settled = None  # the schedule may have changed: check before the next backward
 
     # -- from a config file ---------------------------------------------------------------------
     @classmethod

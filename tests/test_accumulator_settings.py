@@ -1,0 +1,160 @@
+"""``GradientAccumulator``'s step settings: checked before a boundary's backward whenever
+they may fail, and a check that still fails after it keeps the window to step later."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from accumfn import GradientAccumulator
+from accumfn.errors import CallOrderError, ConfigError
+
+from .support import data, max_param_diff, mlp, mse, same, twin
+
+STEPS = 3
+MICRO = 4
+CLIP = 1.0
+
+
+def _windows(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = data(11, MICRO * STEPS * count)
+    size = MICRO * STEPS
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def _micro(window: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    return list(zip(window[0].split(MICRO), window[1].split(MICRO), strict=True))
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _reference(
+    model: nn.Module, windows: list[tuple[torch.Tensor, torch.Tensor]], with_scheduler: bool
+) -> nn.Module:
+    """One step per window on the whole window, clipped; StepLR halving after each step."""
+    optimizer = _sgd(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
+    for x, y in windows:
+        optimizer.zero_grad(set_to_none=True)
+        mse(model, x, y).backward()
+        nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        if with_scheduler:
+            scheduler.step()
+    return model
+
+
+def _snapshot(acc: GradientAccumulator, model: nn.Module) -> dict[str, Any]:
+    optimizer = acc.optimizer
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "state": acc.state.to_dict(),
+    }
+
+
+def _bad_scheduler(acc: GradientAccumulator) -> object:
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(acc.optimizer)  # type: ignore[arg-type]
+
+
+def _bad_optimizer(acc: GradientAccumulator) -> object:
+    optimizer = acc.optimizer
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    return torch.optim.LBFGS(optimizer.param_groups[0]["params"])
+
+
+SETTINGS: dict[str, tuple[Callable[[GradientAccumulator], object], str]] = {
+    "scheduler": (_bad_scheduler, "needs metrics"),
+    "optimizer": (_bad_optimizer, "closure"),
+    "before_step": (lambda acc: 3, "before_step"),
+    "clip_value": (lambda acc: -1.0, "clip_value"),
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_a_setting_assigned_later_is_checked_before_the_backward(name: str) -> None:
+    """After a window has stepped (its checks passed), a bad value assigned to a setting
+    is refused at the next boundary before its backward: nothing changes. With the good
+    value back the same loss goes through and training matches the large batch."""
+    windows = _windows(3)
+    model = mlp(3)
+    reference = _reference(twin(model), windows, with_scheduler=False)
+    acc = GradientAccumulator(_sgd(model), STEPS, max_grad_norm=CLIP)
+    make_bad, message = SETTINGS[name]
+    for w, window in enumerate(windows):
+        for i, (x, y) in enumerate(_micro(window)):
+            loss = mse(model, x, y)
+            if w == 1 and i == STEPS - 1:
+                good = getattr(acc, name)
+                setattr(acc, name, make_bad(acc))
+                before = _snapshot(acc, model)
+                with pytest.raises(ConfigError, match=message):
+                    acc.accumulate(loss, model)
+                assert same(_snapshot(acc, model), before)
+                setattr(acc, name, good)
+            assert acc.accumulate(loss, model) == (i == STEPS - 1)
+    assert acc.state.optimizer_steps == len(windows)
+    assert max_param_diff(model, reference) < 1e-6
+
+
+def test_a_list_of_schedulers_changed_in_place_is_checked_before_the_backward() -> None:
+    windows = _windows(2)
+    model = mlp(4)
+    optimizer = _sgd(model)
+    schedulers: list[object] = [torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)]
+    acc = GradientAccumulator(optimizer, STEPS, max_grad_norm=CLIP, scheduler=schedulers)
+    micro = _micro(windows[0]) + _micro(windows[1])
+    for x, y in micro[: 2 * STEPS - 1]:
+        acc.accumulate(mse(model, x, y), model)
+    schedulers.append(torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer))
+    before = _snapshot(acc, model)
+    with pytest.raises(ConfigError, match="needs metrics"):
+        acc.accumulate(mse(model, *micro[-1]), model)
+    assert same(_snapshot(acc, model), before)
+
+
+@pytest.mark.parametrize("resume", ["flush", "reset_epoch"])
+def test_a_check_failing_after_the_backward_keeps_the_window_to_step_later(resume: str) -> None:
+    """The step's checks passed with this scheduler; its ``step`` is then replaced in place
+    by one that needs an argument, which no assignment reveals. The boundary's backward has
+    run when the check fails: the window stays closed with its gradients, ``accumulate``
+    refuses the next loss (computed before that step) and changes nothing, and once the
+    scheduler is mended ``flush`` or ``reset_epoch`` steps the window as one large batch."""
+    windows = _windows(3)
+    model = mlp(5)
+    reference = _reference(twin(model), windows, with_scheduler=True)
+    optimizer = _sgd(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
+    acc = GradientAccumulator(optimizer, STEPS, max_grad_norm=CLIP, scheduler=scheduler)
+    for x, y in _micro(windows[0]) + _micro(windows[1])[:-1]:
+        acc.accumulate(mse(model, x, y), model)
+    scheduler.step = lambda metrics: None  # type: ignore[assignment,method-assign,misc]
+    with pytest.raises(ConfigError, match="needs metrics") as failed:
+        acc.accumulate(mse(model, *_micro(windows[1])[-1]), model)
+    assert "call accumulator.flush()" in "\n".join(getattr(failed.value, "__notes__", []))
+    assert acc.state.closed and acc.state.optimizer_steps == 1
+    del scheduler.step  # the class's step again
+    before = _snapshot(acc, model)
+    with pytest.raises(CallOrderError, match=r"call accumulator\.flush\(\)"):
+        acc.accumulate(mse(model, *_micro(windows[2])[0]), model)
+    assert same(_snapshot(acc, model), before)
+    if resume == "flush":
+        assert acc.flush() is True
+    else:
+        acc.reset_epoch()
+        assert acc.state.epoch == 1 and acc.state.dropped_micro_steps == 0
+    assert acc.state.optimizer_steps == 2 and not acc.state.closed
+    for x, y in _micro(windows[2]):
+        acc.accumulate(mse(model, x, y), model)
+    assert acc.state.optimizer_steps == 3
+    assert scheduler.last_epoch == 3
+    assert max_param_diff(model, reference) < 1e-6
