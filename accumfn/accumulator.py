@@ -43,6 +43,8 @@ _PENDING = (
     "compute the next loss (a loss computed before that step saw the old parameters)."
 )
 
+_MODEL_HINT = " (the model whose loss this is, wrapped as you train it: DDP, FSDP2, torch.compile)"
+
 _NO_MODEL = object()
 """``_checked_model`` until a model is checked: no argument is it, so the check runs."""
 
@@ -91,6 +93,7 @@ class _StepSetting(Generic[_T]):
         # Through setattr, not __dict__: a dict asked for leaves every attribute slower.
         setattr(accumulator, self._slot, value)
         accumulator._settled = None
+        accumulator._warned_model = None  # (another optimizer may leave parameters out)
 
 
 class GradientAccumulator:
@@ -191,8 +194,17 @@ class GradientAccumulator:
         # they passed and nothing they check can change unseen (see _settles).
         self._settled: object = None
 
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        """Unpickle (also one pickled before the step settings were descriptors)."""
+        for name, value in saved.items():
+            setattr(self, name, value)  # (through the descriptors where they are named)
+        self._settled = None
+        self._checked_model = _NO_MODEL
+
     # -- the step ---------------------------------------------------------------------------
-    def _prepare_step(self, state: AccumState, model: nn.Module, *, warn: bool = True) -> Any:
+    def _prepare_step(
+        self, state: AccumState, model: nn.Module, *, warn: bool = True, early: bool = False
+    ) -> Any:
         return prepare_step(
             state,
             self._optimizer,
@@ -202,6 +214,7 @@ class GradientAccumulator:
             before_step=self._before_step,
             clip_value=self._clip_value,
             warn=warn,
+            early=early,
         )
 
     def prepare(self, model: nn.Module, *, process_group: dist.ProcessGroup | None = None) -> None:
@@ -252,14 +265,15 @@ class GradientAccumulator:
             self._lightning_calls += 1
             return True
         if model is not self._checked_model:
-            check_model(model, hint="")
+            check_model(model, hint=_MODEL_HINT)
             self._checked_model = self._model = model
         if state.closed:  # a window whose step's checks raised after its backward
+            self._checked_model = _NO_MODEL  # (so that every call comes here until flush)
             raise CallOrderError(_PENDING)
         window = None
         if core.closes_window(state, is_final_batch) and self._settled is not model:
             # The step's checks, before the backward: an error here changes nothing.
-            window = self._prepare_step(state, model, warn=False)
+            window = self._prepare_step(state, model, warn=False, early=True)
             self._settled = model if self._settles() else None
         state, stepped = accumulate(
             state,
@@ -273,10 +287,10 @@ class GradientAccumulator:
         if stepped:
             if window is None:
                 window = self._prepare_late(state, model)
-            if model is not self._warned_model:  # once per model: the optimizers are fixed
-                warn_untracked(model, window.optimizers, window_params(window.optimizers))
-                self._warned_model = model
             self._step(state, window, model)
+            if model is not self._warned_model:  # after the step: an error here leaves no
+                self._warned_model = model  # window half done (warnings as errors)
+                warn_untracked(model, window.optimizers, window_params(window.optimizers))
         return stepped
 
     def _settles(self) -> bool:
@@ -300,7 +314,7 @@ class GradientAccumulator:
         ``flush`` (or ``reset_epoch``) to step once the cause is fixed.
         """
         try:
-            return self._prepare_step(state, model)
+            return self._prepare_step(state, model, warn=False)
         except Exception as exc:
             self._settled = None
             self._checked_model = _NO_MODEL
@@ -309,8 +323,14 @@ class GradientAccumulator:
                 add_note(_PENDING)
             raise
 
-    def _step_pending(self, model: nn.Module) -> None:
+    def _step_pending(self) -> None:
         """Step a closed window whose checks raised after its backward (see _prepare_late)."""
+        model = self._model
+        if model is None:  # (a state_dict loaded while such a window was pending)
+            raise CallOrderError(
+                "a closed window is waiting for its step: call accumulator.flush(model) with "
+                "the model to step it."
+            )
         window = self._prepare_step(self._state, model)
         self._step(self._state, window, model)
 
@@ -339,12 +359,12 @@ class GradientAccumulator:
             check_model(model, hint="")
             self._model = model
             self._checked_model = _NO_MODEL
+        if self._state.closed:  # a step that could not run after its backward
+            self._step_pending()
+            return True
         if self._model is None:
             return False
         model = self._model
-        if self._state.closed:  # a step that could not run after its backward
-            self._step_pending(model)
-            return True
         # The step's checks come first, so an error there changes nothing.
         window = self._prepare_step(self._state, model) if self._state.is_accumulating else None
         state, stepped = flush(self._state, model)
@@ -361,8 +381,8 @@ class GradientAccumulator:
         micro-batches are counted in ``state.dropped_micro_steps`` and a warning is issued.
         Pass ``is_final_batch=True`` on the last micro-batch to apply them instead.
         """
-        if self._state.closed and self._model is not None:  # a step still to run: apply it
-            self._step_pending(self._model)
+        if self._state.closed:  # a step that could not run after its backward: apply it
+            self._step_pending()
         self._state = reset_epoch(self._state, self._optimizer, self._model)
 
     # -- what it reports ----------------------------------------------------------------------

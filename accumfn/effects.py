@@ -175,14 +175,16 @@ def prepare_step(
     before_step: Callable[[Optimizers], object] | None = None,
     clip_value: float | None = None,
     warn: bool = True,
+    early: bool = False,
 ) -> _Window:
     """Check everything the step that ends ``state``'s window needs; change nothing.
 
-    The window may still be open: ``GradientAccumulator`` checks before the boundary's
-    backward (with ``warn=False``: parameters outside the optimizers are looked for after
-    it, when FSDP2 has put its sharded parameters back). Checks that depend only on the
-    model and optimizers run again only when they change; the parameter groups, the hooks
-    and the schedule are checked every time.
+    ``early``: the window is still open, checked before the boundary's backward (the step
+    then looks at the param groups again). ``warn``: look for trainable parameters outside
+    the optimizers here; only after the boundary's backward, when FSDP2 has put its sharded
+    parameters back (``GradientAccumulator`` looks for them itself, after the step). Checks
+    that depend only on the model and optimizers run again only when they change; the
+    parameter groups, the hooks and the schedule are checked every time.
     """
     global _checked
     optimizers = _remembered(model, optimizer) if scaler is None else None
@@ -216,7 +218,7 @@ def prepare_step(
         enabled(scaler),  # type: ignore[arg-type]
         next_window,
         params,
-        not warn,
+        early,
         before_step,
         clip_value,
         optimizer,  # type: ignore[arg-type]

@@ -4,6 +4,8 @@ they may fail, and a check that still fails after it keeps the window to step la
 from __future__ import annotations
 
 import copy
+import pickle
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -144,8 +146,9 @@ def test_a_check_failing_after_the_backward_keeps_the_window_to_step_later(resum
     assert acc.state.closed and acc.state.optimizer_steps == 1
     del scheduler.step  # the class's step again
     before = _snapshot(acc, model)
-    with pytest.raises(CallOrderError, match=r"call accumulator\.flush\(\)"):
-        acc.accumulate(mse(model, *_micro(windows[2])[0]), model)
+    for _ in range(2):  # every call, not only the first
+        with pytest.raises(CallOrderError, match=r"call accumulator\.flush\(\)"):
+            acc.accumulate(mse(model, *_micro(windows[2])[0]), model)
     assert same(_snapshot(acc, model), before)
     if resume == "flush":
         assert acc.flush() is True
@@ -157,4 +160,74 @@ def test_a_check_failing_after_the_backward_keeps_the_window_to_step_later(resum
         acc.accumulate(mse(model, x, y), model)
     assert acc.state.optimizer_steps == 3
     assert scheduler.last_epoch == 3
+    assert max_param_diff(model, reference) < 1e-6
+
+
+def test_a_window_waiting_for_its_step_survives_a_checkpoint() -> None:
+    """A window whose step failed after its backward, saved and loaded into a new
+    accumulator: ``flush()`` asks for the model, ``flush(model)`` steps it exactly."""
+    windows = _windows(2)
+    model = mlp(6)
+    reference = _reference(twin(model), windows, with_scheduler=True)
+    optimizer = _sgd(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
+    acc = GradientAccumulator(optimizer, STEPS, max_grad_norm=CLIP, scheduler=scheduler)
+    micro = _micro(windows[0]) + _micro(windows[1])
+    for x, y in micro[:-1]:
+        acc.accumulate(mse(model, x, y), model)
+    scheduler.step = lambda metrics: None  # type: ignore[assignment,method-assign,misc]
+    with pytest.raises(ConfigError):
+        acc.accumulate(mse(model, *micro[-1]), model)
+    del scheduler.step
+    saved = acc.state_dict()
+    for param in model.parameters():
+        param.grad = None
+    resumed = GradientAccumulator(optimizer, STEPS, max_grad_norm=CLIP, scheduler=scheduler)
+    resumed.load_state_dict(saved)
+    before = _snapshot(resumed, model)
+    with pytest.raises(CallOrderError, match=r"flush\(model\)"):
+        resumed.flush()
+    assert same(_snapshot(resumed, model), before)
+    assert resumed.flush(model) is True
+    assert resumed.state.optimizer_steps == 2 and scheduler.last_epoch == 2
+    assert max_param_diff(model, reference) < 1e-6
+
+
+def test_untracked_parameters_of_an_assigned_optimizer_are_warned_about_after_the_step() -> None:
+    """An optimizer assigned over part of the model: the warning about the rest comes
+    once, after the window's step, so with warnings as errors nothing is left half done."""
+    windows = _windows(3)
+    model = mlp(7)
+    acc = GradientAccumulator(_sgd(model), STEPS, max_grad_norm=CLIP)
+    micro = [m for window in windows for m in _micro(window)]
+    for x, y in micro[:STEPS]:
+        acc.accumulate(mse(model, x, y), model)
+    acc.optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in micro[STEPS : 2 * STEPS - 1]:
+            acc.accumulate(mse(model, x, y), model)
+        with pytest.raises(UserWarning, match=r"2 trainable parameter tensor\(s\)"):
+            acc.accumulate(mse(model, *micro[2 * STEPS - 1]), model)
+        assert acc.state.optimizer_steps == 2 and not acc.state.closed
+        for x, y in micro[2 * STEPS :]:  # once only: the next window steps quietly
+            acc.accumulate(mse(model, x, y), model)
+    assert acc.state.optimizer_steps == 3
+
+
+def test_an_accumulator_pickled_between_windows_resumes_exactly() -> None:
+    """Pickled with its model after a step (pickle keeps no ``.grad``: mid-window, use
+    ``state_dict``): the copy checks its settings again and trains on exactly."""
+    windows = _windows(2)
+    model = mlp(8)
+    reference = _reference(twin(model), windows, with_scheduler=False)
+    acc = GradientAccumulator(_sgd(model), STEPS, max_grad_norm=CLIP)
+    micro = _micro(windows[0]) + _micro(windows[1])
+    for x, y in micro[:STEPS]:
+        acc.accumulate(mse(model, x, y), model)
+    model, acc = pickle.loads(pickle.dumps((model, acc)))
+    assert acc._settled is None
+    for x, y in micro[STEPS:]:
+        acc.accumulate(mse(model, x, y), model)
+    assert acc.state.optimizer_steps == 2
     assert max_param_diff(model, reference) < 1e-6
