@@ -4,8 +4,9 @@ Lightning divides every micro-batch loss by ``accumulate_grad_batches`` (N), als
 short window that ends an epoch, and has no notion of item (token) counts. This callback
 counts each window's backward passes (and items) with the accumfn core and rescales the
 accumulated gradients before the optimizer step and before Lightning clips them:
-mean mode by N/k for a window of k micro-batches, item mode by N * world / (items in the
-window on all ranks). Importing this module imports ``lightning``.
+mean mode by N * world / (micro-batches in the window on all ranks), N/k for a window of k
+on each rank, item mode by N * world / (items in the window on all ranks). Importing this
+module imports ``lightning``.
 """
 
 from __future__ import annotations
@@ -79,12 +80,18 @@ class ExactAccumulation(pl.Callback):
             raise CallOrderError(
                 "ExactAccumulation saw an optimizer step without a backward pass in its window."
             )
-        global_items = None
-        if state.window_norm is Normalization.ITEMS:
-            local = torch.tensor(float(state.window_items), device=pl_module.device)
-            global_items = round(float(trainer.strategy.reduce(local, reduce_op="sum")))
+        world = trainer.world_size
+        items = state.window_norm is Normalization.ITEMS
+        global_steps = global_items = None
+        if items or world > 1:  # the window over all ranks: one sum of two counts
+            local = torch.tensor(
+                [state.micro_step, state.window_items], dtype=torch.int64, device=pl_module.device
+            )
+            summed = trainer.strategy.reduce(local, reduce_op="sum")
+            global_steps, total = (int(value) for value in summed.tolist())
+            global_items = total if items else None
         state = core.close_window(
-            state, global_items=global_items, averaged_over=trainer.world_size
+            state, global_items=global_items, global_micro_steps=global_steps, averaged_over=world
         )
         # Lightning divided every loss by N; the core's factor assumes that in mean mode only
         factor = state.grad_scale
