@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import _accum_buffer as buffers
 from . import core
+from ._foreign_wrappers import check_steerable
 from .errors import ConfigError, RankMismatchError
 
 __all__ = [
@@ -135,9 +136,11 @@ class DataParallel:
             self._fsdp = weakref.ref(inner)
             groups = [process_group] if process_group is not None else _fsdp_groups(inner)
         elif process_group is not None:
+            check_steerable(inner)
             self.kind = "manual"  # a plain module whose gradients accumfn reduces itself
             groups = [process_group]
         else:
+            check_steerable(inner)
             self.kind = "plain"
         self.groups = groups if dist.is_available() and dist.is_initialized() else []
         self.world = 1
@@ -192,6 +195,24 @@ class DataParallel:
 
     def backward_done(self) -> None:
         self._armed = False
+
+    def refuse_join(self) -> None:
+        """ConfigError if DDP is in its ``Join`` mode, for ranks of uneven inputs: it
+        shadows only DDP's own collectives, so a rank that ran out of data would leave the
+        window's header unanswered. Every rank raises here, at the same micro-step."""
+        ddp = self.ddp
+        config = None if ddp is None else getattr(ddp, "_join_config", None)
+        if config is not None and config.enable:
+            raise ConfigError(
+                "this DDP model is in Join mode (with Join([model]) or model.join()), which "
+                "lets ranks run out of data at different micro-steps; accumfn's window header "
+                "is a collective Join cannot stand in for, so such a rank would stall the "
+                "others. Drop the Join context (a model once joined stays in Join mode: wrap "
+                "the module in a new DDP) and give every rank the same number of windows: the "
+                "last one may hold a different number of micro-batches on each rank "
+                "(is_final_batch=True on each rank's last one), e.g. with "
+                "DistributedSampler(drop_last=True)."
+            )
 
     # -- the window's collectives -------------------------------------------------------------
     def agree(self, state: core.AccumState, *, final: bool, reduces: bool) -> core.WindowTotals:

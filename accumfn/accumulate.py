@@ -117,6 +117,7 @@ def accumulate(
     wide = None if state.config.accum_dtype is None else _wide(state, parallel)
     totals = None
     if not plain:
+        parallel.refuse_join()
         reduces = parallel.backward_reduces()
         if plan.boundary:
             totals = parallel.agree(new_state, final=is_final_batch, reduces=reduces)
@@ -185,6 +186,7 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
     reduced = parallel.kind == "plain" or (
         state.config.sync_every_micro_step and parallel.kind in ("ddp", "fsdp2")
     )
+    parallel.refuse_join()
     totals = parallel.agree(state, final=True, reduces=reduced)
     if totals.open == 0:
         return state, False

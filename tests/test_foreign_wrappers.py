@@ -1,0 +1,103 @@
+"""Data-parallel set-ups accumfn cannot steer are refused on every rank, before the first
+backward, with nothing changed: the module inside a live DDP, a module holding a DDP, FSDP1,
+and DDP in Join mode (uneven inputs); on 2 gloo ranks."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.algorithms.join import Join
+from torch.nn.parallel import DistributedDataParallel
+
+import accumfn
+from accumfn.errors import ConfigError
+
+from ._dist_utils import items, make_windows, run_ranks, token_loss, token_model
+
+
+class _Holder(nn.Module):
+    """A user's wrapper with a DDP inside it."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = DistributedDataParallel(inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(x)
+        return out
+
+
+def _fsdp1(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+
+
+def _refused(rank: int, world: int, case: str) -> dict[str, Any]:
+    """Trains 2-micro-batch windows (rank 0 has 3 micro-batches, rank 1 has 1 under Join)."""
+    os.environ["ACCUMFN_SYNC_TIMEOUT"] = "20"
+    module = token_model(3)
+    wrapped = torch.compile(module, backend="eager") if case == "inner-compiled" else module
+    ddp = DistributedDataParallel(wrapped) if case != "fsdp1" else None
+    forward: nn.Module = ddp if ddp is not None else module
+    given: nn.Module = forward
+    if case == "fsdp1":
+        forward = given = _fsdp1(module)
+    elif case in ("inner", "inner-object", "inner-compiled"):
+        given = module  # ddp.module, or the module compiled inside DDP(torch.compile(module))
+    elif case == "holder":
+        forward = given = _Holder(token_model(3))
+    params = list(forward.parameters())
+    before = [p.detach().clone() for p in params]
+    batches = [window[0][rank] for window in make_windows(5, [1, 1, 1], 2, ragged=True)]
+    if case == "join" and rank == 1:
+        batches = batches[:1]
+    state = accumfn.init(2)
+    accumulator = accumfn.GradientAccumulator(torch.optim.SGD(params, lr=0.1), 2)
+    result: dict[str, Any] = {"type": None}
+    try:
+        with Join([ddp]) if case == "join" and ddp is not None else _nothing():
+            for batch in batches:
+                loss = token_loss(forward, batch, "sum")
+                if case == "inner-object":
+                    accumulator.accumulate(loss, given, num_items=items(batch))
+                    continue
+                state, _ = accumfn.accumulate(state, loss, given, num_items=items(batch))
+    except ConfigError as exc:
+        result = {"type": type(exc).__name__, "message": str(exc)}
+    result["unchanged"] = all(
+        torch.equal(a.detach(), b) and a.grad is None for a, b in zip(params, before, strict=True)
+    )
+    result["state"] = (state.micro_step, accumulator.state.micro_step)
+    return result
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("inner", "the module inside a DistributedDataParallel wrapper"),
+        ("inner-object", "the module inside a DistributedDataParallel wrapper"),
+        ("inner-compiled", "the module inside a DistributedDataParallel wrapper"),
+        ("holder", "holds a DistributedDataParallel inside it"),
+        ("fsdp1", "FSDP1 (FullyShardedDataParallel)"),
+        ("join", "in Join mode"),
+    ],
+)
+def test_a_wrapper_accumfn_cannot_steer_is_refused_on_every_rank(case: str, says: str) -> None:
+    for result in run_ranks(_refused, case, timeout=120):
+        assert result["type"] == "ConfigError", result
+        assert says in result["message"]
+        assert result["unchanged"]
+        assert result["state"] == (0, 0)
