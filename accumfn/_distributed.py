@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -27,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import _accum_buffer as buffers
 from . import core
 from ._foreign_wrappers import check_steerable
+from ._window import _caller_level
 from .errors import ConfigError, RankMismatchError
 
 __all__ = [
@@ -147,6 +149,7 @@ class DataParallel:
         for group in self.groups:
             self.world *= dist.get_world_size(group)
         self._armed = False
+        self._hook_warned = False
 
     @property
     def model(self) -> nn.Module:
@@ -225,6 +228,24 @@ class DataParallel:
             all_reduce(header, group, "the window's header (micro-steps, items, flags)")
         return core.WindowTotals.from_sums(header.tolist())
 
+    def _warn_comm_hook(self) -> None:
+        """Once per model: DDP's Python communication hook does not run in accumfn's own
+        reduction (the average there is exact; a hook may compress or change it)."""
+        ddp = self.ddp
+        hooks = [] if ddp is None or self._hook_warned else getattr(ddp, "_comm_hooks", [])
+        if not hooks:
+            return
+        self._hook_warned = True
+        names = ", ".join(getattr(hook, "__name__", type(hook).__name__) for hook, _ in hooks)
+        warnings.warn(
+            f"a window closed after a forward that did not sync (a short final window, or "
+            f"forwards run before backwards), so accumfn averaged its gradients itself, "
+            f"exactly, without DDP's communication hook ({names}); full windows keep the "
+            f"hook. Close windows at their planned size, or use sync_every_micro_step=True, "
+            f"to run every reduction through it.",
+            stacklevel=_caller_level(),
+        )
+
     def mean_reduce_grads_(self, wide: torch.dtype | None = None) -> None:
         """Average gradients over the group bucket by bucket (the fallback reduction).
 
@@ -235,6 +256,7 @@ class DataParallel:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params or not self.distributed:
             return
+        self._warn_comm_hook()
 
         def source(param: torch.Tensor) -> torch.Tensor | None:
             buffer = None if wide is None else buffers.buffered(param)

@@ -5,6 +5,7 @@ and DDP in Join mode (uneven inputs); on 2 gloo ranks."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 import accumfn
 from accumfn.errors import ConfigError
 
-from ._dist_utils import items, make_windows, run_ranks, token_loss, token_model
+from ._dist_utils import items, make_windows, reference_run, run_ranks, token_loss, token_model
 
 
 class _Holder(nn.Module):
@@ -101,3 +102,47 @@ def test_a_wrapper_accumfn_cannot_steer_is_refused_on_every_rank(case: str, says
         assert says in result["message"]
         assert result["unchanged"]
         assert result["state"] == (0, 0)
+
+
+def _hooked(rank: int, world: int) -> tuple[list[torch.Tensor], list[str]]:
+    """DDP with the fp16-compression hook; the last windows hold 3 and 2 micro-batches."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    model = DistributedDataParallel(token_model(4))
+    model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    state = accumfn.init(4)
+    accumfn.prepare_forward(state, model)
+    mine = [[ranks[rank] for ranks in window if rank < len(ranks)] for window in _hook_data()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for w, window in enumerate(mine):
+            for m, batch in enumerate(window):
+                last = w == len(mine) - 1 and m == len(window) - 1
+                loss = token_loss(model, batch, "sum")
+                state, stepped = accumfn.accumulate(
+                    state, loss, model, num_items=items(batch), is_final_batch=last
+                )
+                if stepped:
+                    state = accumfn.apply_step(state, optimizer, model)
+    said = [str(w.message) for w in caught if "communication hook" in str(w.message)]
+    return [p.detach().clone() for p in model.parameters()], said
+
+
+def _hook_data() -> list[list[list[Any]]]:
+    data = make_windows(9, [4, 3], 2, ragged=True)  # windows of 4: the last is short
+    data[1][2] = data[1][2][:1]  # and 3 micro-batches long on rank 0, 2 on rank 1
+    return data
+
+
+def test_a_ddp_comm_hook_is_named_when_accumfn_averages_a_window_without_it() -> None:
+    """The short final window is averaged by accumfn, exactly, without the hook: each rank
+    warns once, naming it, and the model is the large batch's (full windows went through
+    the fp16 hook: fp16 tolerance)."""
+    results = run_ranks(_hooked, timeout=120)
+    model = token_model(4)
+    reference_run(model, torch.optim.SGD(model.parameters(), lr=0.5), _hook_data())
+    for params, said in results:
+        assert len(said) == 1 and "fp16_compress_hook" in said[0]
+        for got, want in zip(params, model.parameters(), strict=True):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-3, atol=1e-3)
