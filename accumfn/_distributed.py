@@ -232,11 +232,16 @@ class DataParallel:
         """Once per model: DDP's Python communication hook does not run in accumfn's own
         reduction (the average there is exact; a hook may compress or change it)."""
         ddp = self.ddp
-        hooks = [] if ddp is None or self._hook_warned else getattr(ddp, "_comm_hooks", [])
-        if not hooks:
+        if ddp is None or self._hook_warned:
+            return
+        try:  # DDP's logging data names Python and built-in (C++) hooks alike
+            logging_data: Any = ddp._get_ddp_logging_data  # (untyped in torch)
+            names = logging_data().get("comm_hook")
+        except (AttributeError, RuntimeError):
+            names = None
+        if not names:
             return
         self._hook_warned = True
-        names = ", ".join(getattr(hook, "__name__", type(hook).__name__) for hook, _ in hooks)
         warnings.warn(
             f"a window closed after a forward that did not sync (a short final window, or "
             f"forwards run before backwards), so accumfn averaged its gradients itself, "

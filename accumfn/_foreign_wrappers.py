@@ -1,10 +1,11 @@
 """Data-parallel wrappers accumfn cannot steer, refused before they make a window wrong.
 
 Given a plain module, accumfn neither skips a gradient reduction inside a window nor sums
-item counts over the ranks: right for a module no wrapper reduces, wrong for the module
-inside a live ``DistributedDataParallel`` (``ddp.module``), whose every backward is then
-averaged while the window is rescaled by this rank's own counts, and for FSDP1
-(``FullyShardedDataParallel``), which accumfn does not drive.
+item counts over the ranks: right for a module no wrapper reduces, wrong for a module whose
+parameters a live ``DistributedDataParallel`` reduces (``ddp.module``, a part of it, or
+composable ``replicate``), whose every backward is then averaged while the window is
+rescaled by this rank's own counts, and for FSDP1 (``FullyShardedDataParallel``), which
+accumfn does not drive.
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ from .errors import ConfigError
 
 __all__ = ["check_steerable"]
 
-_INNER_KEYS = ("module", "_fsdp_wrapped_module", "_orig_mod")
-"""Where DDP, FSDP1 and ``torch.compile`` keep the module they wrap (in their ``_modules``)."""
-
 
 def _fsdp1_type() -> type | None:
     """FSDP1's wrapper class, if its module was imported (a model can only be one then)."""
@@ -31,41 +29,37 @@ def _fsdp1_type() -> type | None:
     return found if isinstance(found, type) else None
 
 
-def _wrapping(module: nn.Module) -> list[tuple[nn.Module, str]]:
-    """The live modules that wrap ``module`` (hold it in ``_modules`` under one of
-    ``_INNER_KEYS``), with that key; found through the garbage collector's referrers: the
-    ``_modules`` dict, then its owner (directly, or through the owner's ``__dict__``)."""
-    found: list[tuple[nn.Module, str]] = []
-    for holder in gc.get_referrers(module):
-        key = next(
-            (k for k in _INNER_KEYS if isinstance(holder, dict) and holder.get(k) is module), None
-        )
-        if key is None:
-            continue
-        for owner in gc.get_referrers(holder):
-            owners = [owner]
-            if isinstance(owner, dict) and owner.get("_modules") is holder:
-                owners = gc.get_referrers(owner)  # the wrapper, through its __dict__
-            found.extend(
-                (wrapper, key)
-                for wrapper in owners
-                if isinstance(wrapper, nn.Module) and wrapper._modules is holder
-            )
-    return found
+def _live_wrappers(module: nn.Module, wrappers: tuple[type, ...]) -> list[nn.Module]:
+    """The wrappers of these types alive in this process that reduce a parameter of
+    ``module``: around it, around a model holding it, or over its parameters (composable
+    ``replicate`` builds a DDP over a parameter list). One pass over the heap."""
+    owned = {id(param) for param in module.parameters()}
+    classes: set[type] = set(wrappers)
+    pending: list[type] = list(wrappers)
+    while pending:  # subclasses too; a set lookup of type() per object keeps the pass fast
+        subclasses: list[type] = pending.pop().__subclasses__()
+        for subclass in subclasses:
+            if subclass not in classes:
+                classes.add(subclass)
+                pending.append(subclass)
+    found = [wrapper for wrapper in gc.get_objects() if type(wrapper) in classes]
+    return [
+        wrapper
+        for wrapper in found
+        if isinstance(wrapper, nn.Module)
+        and any(id(param) in owned for param in wrapper.parameters())
+    ]
 
 
-def _wrapper_of(module: nn.Module, wrappers: tuple[type, ...], depth: int = 0) -> nn.Module | None:
-    """A live wrapper of one of ``wrappers`` types around ``module``, directly or around a
-    ``torch.compile`` of it. A few scans of the heap, once per model and only in a job of
-    several processes."""
-    for wrapper, key in _wrapping(module):
-        if isinstance(wrapper, wrappers):
-            return wrapper
-        if key == "_orig_mod" and depth < 2:  # DDP(torch.compile(module))
-            found = _wrapper_of(wrapper, wrappers, depth + 1)
-            if found is not None:
-                return found
-    return None
+def _wrapper_of(module: nn.Module, wrappers: tuple[type, ...]) -> nn.Module | None:
+    """A live wrapper reducing ``module``'s gradients, once garbage no longer counts (a
+    wrapper dropped but not yet collected would make the answer depend on when each rank
+    last collected). Once per model, and only in a job of several processes."""
+    if not _live_wrappers(module, wrappers):
+        return None
+    gc.collect()
+    found = _live_wrappers(module, wrappers)
+    return found[0] if found else None
 
 
 def check_steerable(module: nn.Module) -> None:
@@ -95,10 +89,11 @@ def check_steerable(module: nn.Module) -> None:
     if wrapper is not None:
         name = type(wrapper).__name__
         raise ConfigError(
-            f"this model is the module inside a {name} wrapper (its .module), which reduces "
-            f"its gradients on every backward: given the inner module, accumfn can neither "
-            f"defer that reduction to the window's end nor sum item counts and micro-steps "
-            f"over the ranks, so the ranks would step differently. Pass the wrapper itself, "
-            f"the model you call forward on, to accumulate, apply_step, prepare_forward and "
-            f"GradientAccumulator."
+            f"this model's parameters are reduced by a {name} (this model is its .module, or "
+            f"inside it), which reduces gradients on every backward: given this model, "
+            f"accumfn can neither defer that reduction to the window's end nor sum item "
+            f"counts and micro-steps over the ranks, so the ranks would step differently. "
+            f"Pass the {name} itself, the model you call forward on, to accumulate, "
+            f"apply_step, prepare_forward and GradientAccumulator (or delete that wrapper if "
+            f"it is no longer used)."
         )

@@ -52,7 +52,7 @@ class ExactAccumulation(pl.Callback):
 
     def add_items(self, num_items: int) -> None:
         """Item mode: this micro-batch's loss is a sum over ``num_items`` items."""
-        count = check_count("num_items", num_items)
+        count = check_count("num_items", num_items, minimum=0)  # (all its items masked)
         self._items = count if self._items is None else self._items + count
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

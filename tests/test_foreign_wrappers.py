@@ -4,6 +4,7 @@ and DDP in Join mode (uneven inputs); on 2 gloo ranks."""
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from typing import Any
@@ -52,7 +53,14 @@ def _refused(rank: int, world: int, case: str) -> dict[str, Any]:
         given = module  # ddp.module, or the module compiled inside DDP(torch.compile(module))
     elif case == "holder":
         forward = given = _Holder(token_model(3))
-    params = list(forward.parameters())
+    elif case == "child":  # DDP around a model holding this one
+        forward = DistributedDataParallel(nn.Sequential(token_model(3)))
+        given = forward.module[0]
+    elif case == "replicate":  # composable DDP: the module itself runs the reduction
+        from torch.distributed._composable.replicate import replicate
+
+        forward = given = replicate(token_model(3))
+    params = list(given.parameters())
     before = [p.detach().clone() for p in params]
     batches = [window[0][rank] for window in make_windows(5, [1, 1, 1], 2, ragged=True)]
     if case == "join" and rank == 1:
@@ -88,10 +96,12 @@ class _nothing:
 @pytest.mark.parametrize(
     ("case", "says"),
     [
-        ("inner", "the module inside a DistributedDataParallel wrapper"),
-        ("inner-object", "the module inside a DistributedDataParallel wrapper"),
-        ("inner-compiled", "the module inside a DistributedDataParallel wrapper"),
+        ("inner", "reduced by a DistributedDataParallel"),
+        ("inner-object", "reduced by a DistributedDataParallel"),
+        ("inner-compiled", "reduced by a DistributedDataParallel"),
         ("holder", "holds a DistributedDataParallel inside it"),
+        ("child", "reduced by a DistributedDataParallel"),
+        ("replicate", "reduced by a DistributedDataParallel"),
         ("fsdp1", "FSDP1 (FullyShardedDataParallel)"),
         ("join", "in Join mode"),
     ],
@@ -146,3 +156,41 @@ def test_a_ddp_comm_hook_is_named_when_accumfn_averages_a_window_without_it() ->
         assert len(said) == 1 and "fp16_compress_hook" in said[0]
         for got, want in zip(params, model.parameters(), strict=True):
             torch.testing.assert_close(got, want.detach(), rtol=1e-3, atol=1e-3)
+
+
+def _after_a_dropped_ddp(rank: int, world: int) -> dict[str, Any]:
+    """A DDP built, dropped while still in a reference cycle, then rank-local training of
+    its module: refused on no rank, and each rank's model is its own large batch's."""
+    gc.disable()  # the dropped DDP stays uncollected garbage until accumfn looks
+    try:
+        module = token_model(6)
+        reference = token_model(6)
+        ddp = DistributedDataParallel(module)
+        ddp.again = ddp  # a cycle: only the garbage collector frees it
+        del ddp
+        batches = [window[0][rank] for window in make_windows(7 + rank, [1, 1], 2, ragged=True)]
+        state = accumfn.init(2)
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
+        for m, batch in enumerate(batches):
+            loss = token_loss(module, batch, "sum")
+            state, stepped = accumfn.accumulate(
+                state, loss, module, num_items=items(batch), is_final_batch=m == len(batches) - 1
+            )
+            if stepped:
+                state = accumfn.apply_step(state, optimizer, module)
+    finally:
+        gc.enable()
+    reference_run(reference, torch.optim.SGD(reference.parameters(), lr=0.5), [[batches]])
+    return {
+        "steps": state.optimizer_steps,
+        "diff": max(
+            float((a - b).abs().max())
+            for a, b in zip(module.parameters(), reference.parameters(), strict=True)
+        ),
+    }
+
+
+def test_a_dropped_ddp_does_not_refuse_its_module_on_any_rank() -> None:
+    for result in run_ranks(_after_a_dropped_ddp, timeout=120):
+        assert result["steps"] == 1
+        assert result["diff"] < 1e-6
