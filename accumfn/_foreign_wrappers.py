@@ -22,10 +22,10 @@ from .errors import ConfigError
 __all__ = ["check_steerable"]
 
 
-def _fsdp1_type() -> type | None:
-    """FSDP1's wrapper class, if its module was imported (a model can only be one then)."""
-    module = sys.modules.get("torch.distributed.fsdp")
-    found = getattr(module, "FullyShardedDataParallel", None)
+def _fsdp_class(name: str) -> type | None:
+    """``torch.distributed.fsdp.<name>`` if that module was imported (a model can only be
+    an FSDP module then; importing it here would be slow)."""
+    found = getattr(sys.modules.get("torch.distributed.fsdp"), name, None)
     return found if isinstance(found, type) else None
 
 
@@ -64,10 +64,18 @@ def _wrapper_of(module: nn.Module, wrappers: tuple[type, ...]) -> nn.Module | No
 
 def check_steerable(module: nn.Module) -> None:
     """Raise ConfigError if ``module`` (neither DDP nor FSDP2 itself) has its gradients
-    reduced by a wrapper accumfn cannot steer: FSDP1, a DDP inside it, or a live DDP or
-    FSDP1 wrapper around it."""
-    fsdp1 = _fsdp1_type()
+    reduced by a wrapper accumfn cannot steer: FSDP1, a DDP or FSDP2 module inside it, or a
+    live DDP or FSDP1 wrapper reducing its parameters."""
+    fsdp1 = _fsdp_class("FullyShardedDataParallel")
+    fsdp2 = _fsdp_class("FSDPModule")
     for inner in module.modules():
+        if fsdp2 is not None and isinstance(inner, fsdp2):
+            raise ConfigError(
+                f"this model ({type(module).__name__}) holds FSDP2 modules but is not one "
+                f"itself: the root's own parameters would never be reduced, and accumfn "
+                f"steers FSDP2's gradient sync from the root. Apply fully_shard to the root "
+                f"module too (after its submodules), and pass that root."
+            )
         if fsdp1 is not None and isinstance(inner, fsdp1):
             raise ConfigError(
                 "this model is wrapped in FSDP1 (FullyShardedDataParallel), whose gradient "

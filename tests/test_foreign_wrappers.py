@@ -1,6 +1,6 @@
 """Data-parallel set-ups accumfn cannot steer are refused on every rank, before the first
-backward, with nothing changed: the module inside a live DDP, a module holding a DDP, FSDP1,
-and DDP in Join mode (uneven inputs); on 2 gloo ranks."""
+backward, with nothing changed: a module a live DDP reduces, a module holding a DDP or FSDP2
+modules, FSDP1, and DDP in Join mode (uneven inputs); on 2 gloo ranks."""
 
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ def _refused(rank: int, world: int, case: str) -> dict[str, Any]:
     elif case == "child":  # DDP around a model holding this one
         forward = DistributedDataParallel(nn.Sequential(token_model(3)))
         given = forward.module[0]
+    elif case == "fsdp2-child":  # fully_shard on a part only, not on the root
+        from torch.distributed.fsdp import fully_shard
+
+        forward = given = nn.Sequential(fully_shard(token_model(3)))
     elif case == "replicate":  # composable DDP: the module itself runs the reduction
         from torch.distributed._composable.replicate import replicate
 
@@ -103,6 +107,7 @@ class _nothing:
         ("child", "reduced by a DistributedDataParallel"),
         ("replicate", "reduced by a DistributedDataParallel"),
         ("fsdp1", "FSDP1 (FullyShardedDataParallel)"),
+        ("fsdp2-child", "holds FSDP2 modules but is not one itself"),
         ("join", "in Join mode"),
     ],
 )
