@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
@@ -27,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import _accum_buffer as buffers
 from . import core
-from ._foreign_wrappers import check_steerable
+from ._foreign_wrappers import check_steerable, fsdp_class
 from ._window import _caller_level
 from .errors import ConfigError, RankMismatchError
 
@@ -80,19 +79,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _fsdp_module_type() -> type | None:
-    """FSDP2's module class, if FSDP2 is in use (its import is slow, so it is not done here).
-
-    A model can only be an ``FSDPModule`` once ``torch.distributed.fsdp`` has been imported.
-    """
-    module = sys.modules.get("torch.distributed.fsdp")
-    found = getattr(module, "FSDPModule", None)
-    return found if isinstance(found, type) else None
-
-
 def _fsdp_groups(model: nn.Module) -> list[dist.ProcessGroup]:
     """FSDP2's data-parallel groups: the shard dim, and the replicate dim under HSDP."""
-    fsdp_type = _fsdp_module_type()
+    fsdp_type = fsdp_class("FSDPModule")
     for module in model.modules():
         if fsdp_type is None or not isinstance(module, fsdp_type):
             continue
@@ -116,7 +105,7 @@ class DataParallel:
 
     def __init__(self, model: nn.Module, process_group: dist.ProcessGroup | None = None):
         inner = _unwrap(model)
-        fsdp_type = _fsdp_module_type()
+        fsdp_type = fsdp_class("FSDPModule")
         # Weak references only: the strategy is cached per model and must not keep it alive.
         self._model = weakref.ref(inner)
         self._ddp: weakref.ref[DistributedDataParallel] | None = None
@@ -137,13 +126,13 @@ class DataParallel:
             self.kind = "fsdp2"
             self._fsdp = weakref.ref(inner)
             groups = [process_group] if process_group is not None else _fsdp_groups(inner)
-        elif process_group is not None:
-            check_steerable(inner)
-            self.kind = "manual"  # a plain module whose gradients accumfn reduces itself
-            groups = [process_group]
         else:
             check_steerable(inner)
-            self.kind = "plain"
+            if process_group is not None:
+                self.kind = "manual"  # a plain module whose gradients accumfn reduces itself
+                groups = [process_group]
+            else:
+                self.kind = "plain"
         self.groups = groups if dist.is_available() and dist.is_initialized() else []
         self.world = 1
         for group in self.groups:

@@ -19,12 +19,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .errors import ConfigError
 
-__all__ = ["check_steerable"]
+__all__ = ["check_steerable", "fsdp_class"]
 
 
-def _fsdp_class(name: str) -> type | None:
-    """``torch.distributed.fsdp.<name>`` if that module was imported (a model can only be
-    an FSDP module then; importing it here would be slow)."""
+def fsdp_class(name: str) -> type | None:
+    """``torch.distributed.fsdp.<name>`` (``FSDPModule``, ``FullyShardedDataParallel``) if
+    that module was imported: a model can only be an FSDP module then, and importing it
+    here would be slow."""
     found = getattr(sys.modules.get("torch.distributed.fsdp"), name, None)
     return found if isinstance(found, type) else None
 
@@ -66,8 +67,8 @@ def check_steerable(module: nn.Module) -> None:
     """Raise ConfigError if ``module`` (neither DDP nor FSDP2 itself) has its gradients
     reduced by a wrapper accumfn cannot steer: FSDP1, a DDP or FSDP2 module inside it, or a
     live DDP or FSDP1 wrapper reducing its parameters."""
-    fsdp1 = _fsdp_class("FullyShardedDataParallel")
-    fsdp2 = _fsdp_class("FSDPModule")
+    fsdp1 = fsdp_class("FullyShardedDataParallel")
+    fsdp2 = fsdp_class("FSDPModule")
     for inner in module.modules():
         if fsdp2 is not None and isinstance(inner, fsdp2):
             raise ConfigError(
