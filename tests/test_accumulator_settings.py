@@ -124,15 +124,14 @@ def test_a_list_of_schedulers_changed_in_place_is_checked_before_the_backward() 
     assert same(_snapshot(acc, model), before)
 
 
-@pytest.mark.parametrize("resume", ["flush", "reset_epoch"])
-def test_a_check_failing_after_the_backward_keeps_the_window_to_step_later(resume: str) -> None:
-    """The step's checks passed with this scheduler; its ``step`` is then replaced in place
-    by one that needs an argument, which no assignment reveals. The boundary's backward has
-    run when the check fails: the window stays closed with its gradients, ``accumulate``
-    refuses the next loss (computed before that step) and changes nothing, and once the
-    scheduler is mended ``flush`` or ``reset_epoch`` steps the window as one large batch."""
-    windows = _windows(3)
-    model = mlp(5)
+def _pending(
+    seed: int, windows: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[nn.Module, nn.Module, Any, GradientAccumulator, ConfigError]:
+    """An accumulator whose second window's step failed after its backward: its StepLR's
+    ``step`` was replaced, after the checks passed, by one that needs an argument (the
+    class's ``step`` is back on return). Returns the model, its large-batch reference, the
+    scheduler, the accumulator and the error."""
+    model = mlp(seed)
     reference = _reference(twin(model), windows, with_scheduler=True)
     optimizer = _sgd(model)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
@@ -142,9 +141,21 @@ def test_a_check_failing_after_the_backward_keeps_the_window_to_step_later(resum
     scheduler.step = lambda metrics: None  # type: ignore[assignment,method-assign,misc]
     with pytest.raises(ConfigError, match="needs metrics") as failed:
         acc.accumulate(mse(model, *_micro(windows[1])[-1]), model)
-    assert "call accumulator.flush()" in "\n".join(getattr(failed.value, "__notes__", []))
-    assert acc.state.closed and acc.state.optimizer_steps == 1
     del scheduler.step  # the class's step again
+    return model, reference, scheduler, acc, failed.value
+
+
+@pytest.mark.parametrize("resume", ["flush", "reset_epoch"])
+def test_a_check_failing_after_the_backward_keeps_the_window_to_step_later(resume: str) -> None:
+    """The step's checks passed with this scheduler; its ``step`` is then replaced in place
+    by one that needs an argument, which no assignment reveals. The boundary's backward has
+    run when the check fails: the window stays closed with its gradients, ``accumulate``
+    refuses the next loss (computed before that step) and changes nothing, and once the
+    scheduler is mended ``flush`` or ``reset_epoch`` steps the window as one large batch."""
+    windows = _windows(3)
+    model, reference, scheduler, acc, failed = _pending(5, windows)
+    assert "call accumulator.flush()" in "\n".join(getattr(failed, "__notes__", []))
+    assert acc.state.closed and acc.state.optimizer_steps == 1
     before = _snapshot(acc, model)
     for _ in range(2):  # every call, not only the first
         with pytest.raises(CallOrderError, match=r"call accumulator\.flush\(\)"):
@@ -166,23 +177,11 @@ def test_a_check_failing_after_the_backward_keeps_the_window_to_step_later(resum
 def test_a_window_waiting_for_its_step_survives_a_checkpoint() -> None:
     """A window whose step failed after its backward, saved and loaded into a new
     accumulator: ``flush()`` asks for the model, ``flush(model)`` steps it exactly."""
-    windows = _windows(2)
-    model = mlp(6)
-    reference = _reference(twin(model), windows, with_scheduler=True)
-    optimizer = _sgd(model)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
-    acc = GradientAccumulator(optimizer, STEPS, max_grad_norm=CLIP, scheduler=scheduler)
-    micro = _micro(windows[0]) + _micro(windows[1])
-    for x, y in micro[:-1]:
-        acc.accumulate(mse(model, x, y), model)
-    scheduler.step = lambda metrics: None  # type: ignore[assignment,method-assign,misc]
-    with pytest.raises(ConfigError):
-        acc.accumulate(mse(model, *micro[-1]), model)
-    del scheduler.step
+    model, reference, scheduler, acc, _ = _pending(6, _windows(2))
     saved = acc.state_dict()
     for param in model.parameters():
         param.grad = None
-    resumed = GradientAccumulator(optimizer, STEPS, max_grad_norm=CLIP, scheduler=scheduler)
+    resumed = GradientAccumulator(acc.optimizer, STEPS, max_grad_norm=CLIP, scheduler=scheduler)
     resumed.load_state_dict(saved)
     before = _snapshot(resumed, model)
     with pytest.raises(CallOrderError, match=r"flush\(model\)"):
