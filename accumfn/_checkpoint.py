@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch.amp import GradScaler
 
 from . import _accum_buffer as buffers
-from ._distributed import all_reduce, device_for
+from . import core
+from ._distributed import clear_failures, device_for, exchange
 from ._grads import optimizer_params, zero_grads_
 from .core import AccumState, ByStep
 from .errors import CheckpointError, ConfigError, StateFormatError
@@ -288,11 +289,16 @@ def restore(
         raise ConfigError(
             f"allow_config_change must be True or False, got {allow_config_change!r}."
         )
-    raw, saved = _parse(data, state)
-    resumed = _resolve_config(raw, saved, state, allow_config_change)
-    scaler_state = _check_scaler(data["scaler"], resumed, scaler, allow_config_change)
-    pairs = _check_grads(data["partial_grads"], resumed, optimizer)
-    _check_rank(data.get("rank"), resumed)
+    try:
+        raw, saved = _parse(data, state)
+        resumed = _resolve_config(raw, saved, state, allow_config_change)
+        scaler_state = _check_scaler(data["scaler"], resumed, scaler, allow_config_change)
+        pairs = _check_grads(data["partial_grads"], resumed, optimizer)
+        saved_by = _saved_by(data.get("rank"))
+    except CheckpointError:
+        _refuse_together(state)  # the other ranks learn it in the same exchange
+        raise
+    _check_ranks(saved_by, resumed, scaler_state)
     if scaler is not None and scaler_state is not None:
         scaler.load_state_dict(dict(scaler_state))
         if pairs:
@@ -306,6 +312,7 @@ def restore(
             buffers.put(param, grad.to(device=param.device, copy=True))
         else:
             param.grad = _as_grad_of(param, grad)
+    clear_failures()  # every rank resumed from the same step
     return resumed
 
 
@@ -324,44 +331,59 @@ def _as_grad_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _check_rank(saved: object, resumed: AccumState) -> None:
-    """Refuse, on every rank, a mid-window checkpoint that another rank took.
-
-    A window's gradients differ per rank until the window's reduction, so rank 0's cannot
-    continue rank 1's window. When every rank loads (as resuming a distributed run does),
-    the ranks agree with one small all-reduce, so all of them raise or none.
-    """
+def _saved_by(saved: object) -> tuple[int, int] | None:
+    """The (rank, world size) that took a mid-window checkpoint, from its rank record."""
     if saved is None:
-        return
-    if not isinstance(saved, Mapping) or set(saved) != {"rank", "world_size"}:
+        return None
+    if (
+        not isinstance(saved, Mapping)
+        or set(saved) != {"rank", "world_size"}
+        or not all(isinstance(saved[k], int) and not isinstance(saved[k], bool) for k in saved)
+    ):
         raise CheckpointError(
             f"the checkpoint's rank record is malformed: {saved!r}. Pass what "
             f"state_dict()/capture() returned."
         )
+    return int(saved["rank"]), int(saved["world_size"])
+
+
+def _scale_of(scaler_state: Mapping[str, Any] | None) -> int:
+    return 0 if scaler_state is None else core.float_bits(float(scaler_state["scale"]))
+
+
+def _check_ranks(
+    saved_by: tuple[int, int] | None,
+    resumed: AccumState,
+    scaler_state: Mapping[str, Any] | None,
+) -> None:
+    """Refuse, on every rank alike, states the ranks cannot resume together.
+
+    In a job of several processes every rank that loads sends its view (step, epoch,
+    micro-step, scale, who took its mid-window checkpoint) in one all-gather, boundary or
+    not, and every rank decides from all of them (``core.agree_resume``): ranks resumed
+    from different steps, a mid-window checkpoint of another rank or job size, or a rank
+    whose checkpoint was refused raise ``CheckpointError`` on every rank. On one process
+    only who took a mid-window checkpoint is checked.
+    """
     here = _rank()
-    ok = here is not None and dict(saved) == here
-    everyone = ok
-    if here is not None:
-        flag = torch.tensor([int(ok)], dtype=torch.int32, device=device_for(None))
-        all_reduce(flag, None, "whether each rank can resume its checkpoint", op=dist.ReduceOp.MIN)
-        everyone = bool(flag.item())
-    if everyone:
+    if here is None:
+        view = core.resume_view(resumed, rank=0, saved_by=saved_by)
+        core.agree_resume([view], 1)
         return
-    fix = (
-        "Each rank's open window holds its own gradients, so a checkpoint taken inside a "
-        "window resumes only on the rank that saved it: save on every rank into a file of its "
-        "own (f'accum-rank{rank}.pt'), use accumfn.checkpoint.distributed_state with "
-        "torch.distributed.checkpoint, or checkpoint at a window boundary "
-        "(state.is_accumulating is False), where rank 0's checkpoint serves every rank."
+    view = core.resume_view(
+        resumed, rank=here["rank"], saved_by=saved_by, scale=_scale_of(scaler_state)
     )
-    taken = (
-        f"taken inside a window ({resumed.micro_step} of {resumed.window} micro-steps) by "
-        f"rank {saved['rank']} of {saved['world_size']}"
-    )
-    if ok:
-        raise CheckpointError(
-            f"another rank cannot resume from the checkpoint it loaded (this rank's own was "
-            f"{taken}), so no rank resumes. {fix}"
-        )
-    where = f"rank {here['rank']} of {here['world_size']}" if here else "one process"
-    raise CheckpointError(f"this checkpoint was {taken} and is loaded on {where}. {fix}")
+    core.agree_resume(_exchange(view), here["world_size"])
+
+
+def _refuse_together(state: AccumState) -> None:
+    """This rank's checkpoint was refused: tell the other ranks, which raise too."""
+    here = _rank()
+    if here is not None:
+        view = core.resume_view(state, rank=here["rank"], saved_by=None, refused=True)
+        _exchange(view)
+
+
+def _exchange(view: core.RankView) -> list[core.RankView]:
+    row = torch.tensor(view.to_row(), dtype=torch.int64, device=device_for(None))
+    return exchange(row, [None], "the checkpoints each rank loads")

@@ -15,13 +15,14 @@ import math
 import os
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.amp import GradScaler
 from torch.nn.parallel import DistributedDataParallel
 
 from . import _accum_buffer as buffers
@@ -34,10 +35,18 @@ __all__ = [
     "BUCKET_BYTES",
     "DataParallel",
     "all_reduce",
+    "clear_failures",
     "device_for",
+    "exchange",
+    "failures",
+    "note_failure",
+    "prepare",
     "set_forward_sync",
     "strategy",
+    "write_scale",
 ]
+
+_T = TypeVar("_T")
 
 BUCKET_BYTES = 25 * 1024 * 1024
 """Size of one bucket of the fallback reduction (DDP's default ``bucket_cap_mb``)."""
@@ -207,15 +216,49 @@ class DataParallel:
             )
 
     # -- the window's collectives -------------------------------------------------------------
-    def agree(self, state: core.AccumState, *, final: bool, reduces: bool) -> core.WindowTotals:
-        """Sum this rank's view of the closing window over the data-parallel group."""
-        local = core.window_header(state, final=final, reduces=reduces)
+    def agree(
+        self,
+        state: core.AccumState,
+        *,
+        final: bool,
+        reduces: bool,
+        scaler: GradScaler | None = None,
+    ) -> tuple[core.WindowTotals, bool]:
+        """Exchange this rank's view of the closing window with the group's ranks and
+        decide from all of them (``core.agree``): the window over all ranks, and whether
+        the gradients need the fallback reduction. Raises on every rank alike."""
         if not self.distributed:
-            return core.WindowTotals.of([local])
-        header = torch.tensor(local, dtype=torch.int64, device=device_for(self.groups[0]))
-        for group in self.groups:
-            all_reduce(header, group, "the window's header (micro-steps, items, flags)")
-        return core.WindowTotals.from_sums(header.tolist())
+            return core.agree([core.window_view(state, rank=0, final=final, reduces=reduces)])
+        view = core.window_view(
+            state, rank=dist.get_rank(), final=final, reduces=reduces, failures=failures()
+        )
+        return self._decide(view, scaler, core.agree)
+
+    def agree_open(self, state: core.AccumState, scaler: GradScaler | None = None) -> None:
+        """Exchange this rank's view of the window its first micro-step opens
+        (``core.agree_at_open``); raises on every rank alike when they differ."""
+        if self.distributed:
+            view = core.open_view(state, rank=dist.get_rank(), failures=failures())
+            self._decide(view, scaler, core.agree_open)
+
+    def _decide(
+        self,
+        view: core.RankView,
+        scaler: GradScaler | None,
+        decide: Callable[[list[core.RankView]], _T],
+    ) -> _T:
+        row = torch.tensor(view.to_row(), dtype=torch.int64, device=device_for(self.groups[0]))
+        if scaler is not None:
+            write_scale(row, scaler)
+        views = exchange(row, self.groups, "the window's header (step, micro-steps, items)")
+        try:
+            return decide(views)
+        except RankMismatchError as exc:
+            if len({v.failures for v in views}) == 1:
+                raise
+            # A step failed on some ranks: say why (a second exchange, on the way to the error).
+            notes = gather_notes(str(_FAILURES[1]), self.groups)
+            raise RankMismatchError(str(core.identity_problem(views, notes))) from exc
 
     def _warn_comm_hook(self) -> None:
         """Once per model: DDP's Python communication hook does not run in accumfn's own
@@ -302,16 +345,9 @@ class DataParallel:
             del flat
 
 
-def all_reduce(
-    tensor: torch.Tensor,
-    group: dist.ProcessGroup | None,
-    what: str,
-    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
-) -> None:
-    """All-reduce that turns a hang into ``RankMismatchError`` after ``ACCUMFN_SYNC_TIMEOUT``."""
-    timeout = _timeout()  # parsed before the collective is issued
-    work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
-    assert work is not None
+def _wait(work: Any, what: str) -> None:
+    """Wait for a collective; a hang becomes ``RankMismatchError`` after the timeout."""
+    timeout = _timeout()
     if timeout is None:
         work.wait()
         return
@@ -326,6 +362,78 @@ def all_reduce(
             f"micro-batches (DistributedSampler, drop_last=True) and pass is_final_batch=True "
             f"on each rank's last one; {_TIMEOUT_ENV} sets this wait. ({type(exc).__name__})"
         ) from exc
+
+
+def all_reduce(
+    tensor: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    what: str,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+) -> None:
+    """All-reduce that turns a hang into ``RankMismatchError`` after ``ACCUMFN_SYNC_TIMEOUT``."""
+    _timeout()  # parsed before the collective is issued
+    _wait(dist.all_reduce(tensor, op=op, group=group, async_op=True), what)
+
+
+def exchange(
+    row: torch.Tensor, groups: Sequence[dist.ProcessGroup | None], what: str
+) -> list[core.RankView]:
+    """Every rank's view, in the same order on every rank: one all-gather of ``row`` per
+    group (two under HSDP), then one host read."""
+    _timeout()  # parsed before the collective is issued
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    rows = row.view(1, -1)
+    for group in groups:
+        size = dist.get_world_size(group)
+        out = torch.empty(
+            (size * rows.shape[0], rows.shape[1]), dtype=rows.dtype, device=rows.device
+        )
+        _wait(gather(out, rows.contiguous(), group=group, async_op=True), what)
+        rows = out
+    return [core.RankView.from_row(values) for values in rows.tolist()]
+
+
+def gather_notes(note: str, groups: Sequence[dist.ProcessGroup | None]) -> list[str]:
+    """Every rank's ``note``, in the order of ``exchange`` (only on the way to an error)."""
+    notes: list[Any] = [note]
+    for group in groups:
+        out: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, notes, group=group)
+        notes = [item for part in out for item in part]
+    return [str(item) for item in notes]
+
+
+def write_scale(row: torch.Tensor, scaler: GradScaler) -> None:
+    """Put the GradScaler's scale into ``row``'s scale column, on the device (no host read)."""
+    scale = getattr(scaler, "_scale", None)
+    column = row[core.SCALE_COLUMN : core.SCALE_COLUMN + 1]
+    if isinstance(scale, torch.Tensor):
+        wide = scale.detach().reshape(1).to(device=row.device, dtype=torch.float64)
+        column.copy_(wide.view(torch.int64))
+    else:  # not yet made: scale() makes it from the initial scale
+        column.fill_(core.float_bits(scaler.get_scale()))
+
+
+_FAILURES: list[Any] = [0, ""]
+"""Window steps that raised in this process since it started or last resumed, and the last
+one's message: every rank's header carries the count, so a step that failed on some ranks
+only stops every rank at the next window."""
+
+
+def note_failure(message: str) -> None:
+    """Record a window step that raised (see ``_FAILURES``)."""
+    _FAILURES[0] += 1
+    _FAILURES[1] = message
+
+
+def clear_failures() -> None:
+    """Forget failed steps: every rank resumed from a checkpoint they agreed on."""
+    _FAILURES[0] = 0
+    _FAILURES[1] = ""
+
+
+def failures() -> int:
+    return int(_FAILURES[0])
 
 
 def _forward_hook(dp: DataParallel) -> Any:
@@ -377,6 +485,22 @@ def strategy(model: nn.Module, process_group: dist.ProcessGroup | None = None) -
         _CACHE[model] = found
     _last = (weakref.ref(model), found)
     return found
+
+
+def prepare(model: nn.Module, process_group: dist.ProcessGroup | None, sync: bool) -> None:
+    """Set the sync flag of the model's next forward (``prepare_forward``).
+
+    A plain module has no flag to set, and is not judged here: a wrapper built at the first
+    forward (composable ``replicate``) does not exist yet, so its first micro-step judges it.
+    """
+    if process_group is None and isinstance(model, nn.Module) and model not in _CACHE:
+        inner = _unwrap(model)
+        fsdp_type = fsdp_class("FSDPModule")
+        if not isinstance(inner, DistributedDataParallel) and not (
+            fsdp_type is not None and isinstance(inner, fsdp_type)
+        ):
+            return
+    strategy(model, process_group).set_forward_sync(sync)
 
 
 def set_forward_sync(model: nn.Module, sync: bool) -> None:

@@ -3,7 +3,8 @@
 Given a plain module, accumfn neither skips a gradient reduction inside a window nor sums
 item counts over the ranks: right for a module no wrapper reduces, wrong for a module whose
 parameters a live ``DistributedDataParallel`` reduces (``ddp.module``, a part of it, or
-composable ``replicate``), whose every backward is then averaged while the window is
+composable ``replicate``, refused from the moment ``replicate`` is applied, before its DDP
+exists), whose every backward is then averaged while the window is
 rescaled by this rank's own counts, and for FSDP1 (``FullyShardedDataParallel``), which
 accumfn does not drive.
 """
@@ -69,7 +70,17 @@ def check_steerable(module: nn.Module) -> None:
     live DDP or FSDP1 wrapper reducing its parameters."""
     fsdp1 = fsdp_class("FullyShardedDataParallel")
     fsdp2 = fsdp_class("FSDPModule")
+    contract = sys.modules.get("torch.distributed._composable.contract")
+    registry = getattr(contract, "_get_registry", None)
     for inner in module.modules():
+        if registry is not None and "replicate" in (registry(inner) or ()):
+            raise ConfigError(
+                "this model is under composable replicate(), which builds a "
+                "DistributedDataParallel at its first forward that reduces gradients on every "
+                "backward, where accumfn cannot defer it to the window's end: wrap the model "
+                "in DistributedDataParallel instead and pass that (or shard it with "
+                "fully_shard)."
+            )
         if fsdp2 is not None and isinstance(inner, fsdp2):
             raise ConfigError(
                 f"this model ({type(module).__name__}) holds FSDP2 modules but is not one "

@@ -53,7 +53,7 @@ def prepare_forward(
     module whose gradients accumfn should average itself, or an FSDP2 model over a mesh
     it cannot see); DDP's and FSDP2's own groups are found without it.
     """
-    distributed.strategy(model, process_group).set_forward_sync(core.sync_next_forward(state))
+    distributed.prepare(model, process_group, core.sync_next_forward(state))
 
 
 @contextmanager
@@ -120,8 +120,11 @@ def accumulate(
         parallel.refuse_join()
         reduces = parallel.backward_reduces()
         if plan.boundary:
-            totals = parallel.agree(new_state, final=is_final_batch, reduces=reduces)
-            fallback = core.agree(totals)
+            totals, fallback = parallel.agree(
+                new_state, final=is_final_batch, reduces=reduces, scaler=scaler
+            )
+        elif core.agree_at_open(state, plan.boundary):
+            parallel.agree_open(new_state, scaler)
         parallel.set_backward_sync(plan.reduce_grads)
     scaled = loss / plan.loss_divisor if plan.loss_divisor != 1 else loss
     if scaler is not None:
@@ -187,10 +190,9 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
         state.config.sync_every_micro_step and parallel.kind in ("ddp", "fsdp2")
     )
     parallel.refuse_join()
-    totals = parallel.agree(state, final=True, reduces=reduced)
+    totals, fallback = parallel.agree(state, final=True, reduces=reduced)
     if totals.open == 0:
         return state, False
-    fallback = core.agree(totals)
     if parallel.kind == "fsdp2" and fallback:
         raise ConfigError(
             "flush under FSDP2 needs sync_every_micro_step=True: FSDP2 keeps an open "

@@ -1,13 +1,14 @@
-"""The ranks' agreement at a window's end (``core.agree``), against a model of the rules."""
+"""The ranks' agreement (``core.agree``, ``core.agree_resume``), against a model of the rules."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from accumfn import core
-from accumfn.errors import RankMismatchError
+from accumfn.errors import CheckpointError, RankMismatchError
 
 
 @st.composite
@@ -44,19 +45,21 @@ def test_agree_raises_exactly_on_a_split_and_rescales_by_the_global_count(
     window, views = drawn
     states = [_state(window, k, items, mode, scaled) for k, items, mode, _, _, scaled in views]
     headers = [
-        core.window_header(state, final=final, reduces=reduces)
-        for state, (_, _, _, final, reduces, _) in zip(states, views, strict=True)
+        core.window_view(state, rank=rank, final=final, reduces=reduces)
+        for rank, (state, (_, _, _, final, reduces, _)) in enumerate(
+            zip(states, views, strict=True)
+        )
     ]
-    totals = core.WindowTotals.of(headers)
     n = len(views)
     split = any(
         0 < sum(view[i] for view in views) < n for i in (2, 3, 4, 5)
     )  # item mode, final, reduces, scaled: some ranks but not all
     if split:
         with pytest.raises(RankMismatchError):
-            core.agree(totals)
+            core.agree(headers)
         return
-    assert core.agree(totals) == (not views[0][4])
+    totals, fallback = core.agree(headers)
+    assert fallback == (not views[0][4])
     closed = core.close_window(
         states[0],
         global_items=totals.items,
@@ -68,3 +71,136 @@ def test_agree_raises_exactly_on_a_split_and_rescales_by_the_global_count(
     else:  # mean mode: each rank divided by the window; the large batch has sum(k) batches
         expected = n * window / sum(k for k, *_ in views)
     assert closed.grad_scale == pytest.approx(expected, rel=1e-12)
+
+
+_IDENTITY = ("epoch", "optimizer_steps", "skipped_steps", "failures", "scale", "window")
+
+
+@st.composite
+def identities(draw: st.DrawFn) -> tuple[bool, list[dict[str, int]]]:
+    """Per rank: the identity fields of a closing window (mostly equal, sometimes not)."""
+    ranks = draw(st.integers(2, 6))
+    item_mode = draw(st.booleans())
+    base = {name: draw(st.integers(0, 3)) for name in _IDENTITY}
+    base["window"] = draw(st.integers(1, 4))
+    rows = []
+    for _ in range(ranks):
+        row = dict(base)
+        for name in draw(st.lists(st.sampled_from(_IDENTITY), max_size=2, unique=True)):
+            row[name] = draw(st.integers(1 if name == "window" else 0, 4))
+        rows.append(row)
+    return item_mode, rows
+
+
+def _view(rank: int, item_mode: bool, fields: dict[str, int]) -> core.RankView:
+    return core.RankView(
+        kind=core.CLOSE,
+        rank=rank,
+        epoch=fields["epoch"],
+        optimizer_steps=fields["optimizer_steps"],
+        skipped_steps=fields["skipped_steps"],
+        failures=fields["failures"],
+        scale=core.float_bits(2.0 ** fields["scale"]),
+        window=fields["window"],
+        mean_mode=int(not item_mode),
+        open=1,
+        micro_steps=1,
+        items=3 * item_mode,
+        item_mode=int(item_mode),
+        final=0,
+        reduces=1,
+        scaled=0,
+    )
+
+
+@settings(max_examples=400)
+@given(identities())
+def test_ranks_in_different_windows_raise_on_every_rank(
+    drawn: tuple[bool, list[dict[str, int]]],
+) -> None:
+    """The ranks must be in the same window of the same run: effective step, applied and
+    skipped windows, epoch, failed steps and GradScaler scale; the planned window too in
+    mean mode (in item mode each rank may split its batch its own way)."""
+    item_mode, rows = drawn
+    views = [_view(rank, item_mode, row) for rank, row in enumerate(rows)]
+    compared = [name for name in _IDENTITY if not (item_mode and name == "window")]
+    differs = any(row[name] != rows[0][name] for row in rows for name in compared)
+    if differs:
+        with pytest.raises(RankMismatchError) as info:
+            core.agree(views)
+        assert "rank" in str(info.value)
+        return
+    totals, _ = core.agree(views)
+    assert totals.ranks == len(rows)
+
+
+def test_message_names_the_ranks_and_their_steps() -> None:
+    views = [
+        _view(
+            0,
+            False,
+            dict(epoch=0, optimizer_steps=2, skipped_steps=0, failures=0, scale=0, window=4),
+        ),
+        _view(
+            1,
+            False,
+            dict(epoch=0, optimizer_steps=1, skipped_steps=0, failures=0, scale=0, window=4),
+        ),
+    ]
+    with pytest.raises(
+        RankMismatchError,
+        match="rank 0 is in effective step 2, rank 1 in "
+        "effective step 1.*resume every rank from the same step",
+    ):
+        core.agree(views)
+
+
+def test_a_failed_step_names_the_rank_and_why() -> None:
+    fields = dict(epoch=0, optimizer_steps=2, skipped_steps=0, failures=0, scale=0, window=4)
+    views = [_view(0, False, fields), _view(1, False, {**fields, "failures": 1})]
+    problem = core.identity_problem(views, ["", "StepError in before_step: disk full"])
+    assert problem is not None
+    assert "failed on rank(s) [1] and not on rank(s) [0]" in problem
+    assert "disk full" in problem
+
+
+def test_a_close_meeting_a_resume_is_refused() -> None:
+    fields = dict(epoch=0, optimizer_steps=2, skipped_steps=0, failures=0, scale=0, window=4)
+    views = [_view(0, False, fields), attrs.evolve(_view(1, False, fields), kind=core.RESUME)]
+    with pytest.raises(RankMismatchError, match="loading a checkpoint while"):
+        core.agree(views)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 3), st.booleans(), st.booleans()),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(1, 4),
+)
+def test_resume_agrees_only_on_one_step_and_own_checkpoints(
+    ranks: list[tuple[int, int, bool, bool]], world: int
+) -> None:
+    """(effective step, micro-step, own checkpoint, refused) per rank: the ranks resume only
+    from the same step and micro-step, each mid-window checkpoint its own rank's, in a job of
+    the size that took it, and none refused."""
+    views = []
+    for rank, (step, micro, own, refused) in enumerate(ranks):
+        state = core.init(4)
+        for _ in range(step):
+            state, _ = core.micro_step(state, is_final_batch=True)
+            state = core.finish_step(core.close_window(state), applied=True)
+        for _ in range(micro):
+            state, _ = core.micro_step(state)
+        saved_by = (rank if own else rank + 1, world) if micro else None
+        views.append(core.resume_view(state, rank=rank, saved_by=saved_by, refused=refused))
+    steps = {(step, micro) for step, micro, _, _ in ranks}
+    foreign = any(micro and (not own or len(ranks) != world) for _, micro, own, _ in ranks)
+    refused_any = any(refused for *_, refused in ranks)
+    if len(steps) > 1 or foreign or refused_any:
+        with pytest.raises(CheckpointError, match="Nothing was loaded"):
+            core.agree_resume(views, len(ranks))
+        return
+    core.agree_resume(views, len(ranks))

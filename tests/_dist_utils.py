@@ -186,6 +186,8 @@ class CollectiveCounter:
         """(window, dtype, numel) per all_reduce outside the hook."""
         self.reduce_scatters: list[int] = []
         """window per reduce-scatter."""
+        self.all_gathers: list[tuple[int, str, int]] = []
+        """(window, dtype, numel per rank) per all_gather_single (accumfn's window header)."""
         self._in_hook = False
 
     def hook(self, group: dist.ProcessGroup, bucket: dist.GradBucket) -> Any:
@@ -202,6 +204,7 @@ class CollectiveCounter:
     def spy(self) -> Iterator[None]:
         real_all_reduce = dist.all_reduce
         real_reduce_scatter = dist.reduce_scatter_single
+        real_all_gather = dist.all_gather_single
 
         def all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if not self._in_hook:
@@ -212,17 +215,26 @@ class CollectiveCounter:
             self.reduce_scatters.append(self.window)
             return real_reduce_scatter(*args, **kwargs)
 
+        def all_gather(
+            output: torch.Tensor, tensor: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> Any:
+            self.all_gathers.append((self.window, str(tensor.dtype), tensor.numel()))
+            return real_all_gather(output, tensor, *args, **kwargs)
+
         dist.all_reduce = all_reduce  # type: ignore[assignment]
         dist.reduce_scatter_single = reduce_scatter  # type: ignore[assignment]
+        dist.all_gather_single = all_gather  # type: ignore[assignment]
         try:
             yield
         finally:
             dist.all_reduce = real_all_reduce  # type: ignore[assignment]
             dist.reduce_scatter_single = real_reduce_scatter  # type: ignore[assignment]
+            dist.all_gather_single = real_all_gather  # type: ignore[assignment]
 
     def summary(self) -> dict[str, Any]:
         return {
             "buckets": list(self.buckets),
             "all_reduces": list(self.all_reduces),
             "reduce_scatters": list(self.reduce_scatters),
+            "all_gathers": list(self.all_gathers),
         }

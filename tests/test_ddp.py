@@ -203,15 +203,17 @@ def test_one_all_reduce_round_per_window(ranks: list[dict[str, Any]], name: str)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_window_header_is_one_small_all_reduce_per_window(
+def test_window_header_is_one_small_all_gather_per_window(
     ranks: list[dict[str, Any]], name: str
 ) -> None:
-    """Micro-steps, items and flags of the closing window: one int64 all-reduce of 8 values."""
+    """The closing window's identity, micro-steps, items and flags: one int64 all-gather of
+    19 values per rank per window, and no other int64 collective."""
     for result in ranks:
         run = result[name]
-        headers = [w for w, dtype, numel in run["all_reduces"] if dtype == "torch.int64"]
+        headers = [w for w, dtype, _ in run["all_gathers"] if dtype == "torch.int64"]
         assert headers == list(range(run["windows"]))
-        assert {numel for _, dtype, numel in run["all_reduces"] if dtype == "torch.int64"} == {8}
+        assert {numel for _, _, numel in run["all_gathers"]} == {19}
+        assert not [w for w, dtype, _ in run["all_reduces"] if dtype == "torch.int64"]
 
 
 def test_naive_loop_all_reduces_every_micro_step(ranks: list[dict[str, Any]]) -> None:

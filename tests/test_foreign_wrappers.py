@@ -105,7 +105,7 @@ class _nothing:
         ("inner-compiled", "reduced by a DistributedDataParallel"),
         ("holder", "holds a DistributedDataParallel inside it"),
         ("child", "reduced by a DistributedDataParallel"),
-        ("replicate", "reduced by a DistributedDataParallel"),
+        ("replicate", "under composable replicate()"),
         ("fsdp1", "FSDP1 (FullyShardedDataParallel)"),
         ("fsdp2-child", "holds FSDP2 modules but is not one itself"),
         ("join", "in Join mode"),

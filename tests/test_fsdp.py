@@ -141,7 +141,7 @@ def test_reduce_scatters_per_window(ranks: list[dict[str, Any]], name: str) -> N
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_window_header_all_reduced_once_per_window(ranks: list[dict[str, Any]], name: str) -> None:
+def test_window_header_gathered_once_per_window(ranks: list[dict[str, Any]], name: str) -> None:
     for result in ranks:
-        counts = [w for w, dtype, _ in result[name]["all_reduces"] if dtype == "torch.int64"]
+        counts = [w for w, dtype, _ in result[name]["all_gathers"] if dtype == "torch.int64"]
         assert counts == list(range(len(LENGTHS)))

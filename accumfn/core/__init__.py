@@ -1,6 +1,24 @@
 """The pure core: frozen records and the transitions that decide every step. No torch."""
 
-from ._agree import WindowTotals, agree, window_header
+from ._agree import (
+    CLOSE,
+    OPEN,
+    RESUME,
+    SCALE_COLUMN,
+    WIDTH,
+    RankView,
+    WindowTotals,
+    agree,
+    agree_at_open,
+    agree_open,
+    agree_resume,
+    float_bits,
+    identity_problem,
+    open_view,
+    resume_view,
+    window_header,
+    window_view,
+)
 from ._schedule import ByEpoch, ByStep, Constant, Schedule, StepsSpec, schedule_from
 from ._serialize import FORMAT
 from ._state import AccumConfig, AccumState, MicroPlan, Normalization
@@ -19,7 +37,12 @@ from ._transitions import (
 )
 
 __all__ = [
+    "CLOSE",
     "FORMAT",
+    "OPEN",
+    "RESUME",
+    "SCALE_COLUMN",
+    "WIDTH",
     "AccumConfig",
     "AccumState",
     "ByEpoch",
@@ -27,21 +50,30 @@ __all__ = [
     "Constant",
     "MicroPlan",
     "Normalization",
+    "RankView",
     "Schedule",
     "StepsSpec",
     "WindowTotals",
     "agree",
+    "agree_at_open",
+    "agree_open",
+    "agree_resume",
     "check_state",
     "check_step_scaler",
     "close_window",
     "closes_window",
     "finish_step",
+    "float_bits",
+    "identity_problem",
     "init",
     "micro_step",
+    "open_view",
     "rescale_in_step",
+    "resume_view",
     "schedule_from",
     "start_epoch",
     "sync_next_forward",
     "window_after",
     "window_header",
+    "window_view",
 ]

@@ -1,40 +1,195 @@
-"""What the ranks of a data-parallel group must agree on when a window closes (no torch).
+"""What the ranks of a data-parallel group must agree on (no torch).
 
-Each rank contributes one header (``window_header``); the shell sums the headers over the
-group and ``agree`` decides from the sums: the window's size and item count over all ranks,
-whether the gradients still need the fallback reduction, or that the ranks cannot be
-reconciled, which every rank learns from the same sums and so raises together.
+Whenever the ranks must act together (a window closes, a checkpoint is loaded) each rank
+contributes one ``RankView``: which window of which run it is in (its identity: epoch,
+steps applied and skipped, failed steps, the GradScaler's scale, the planned window) and
+how the window closes (micro-steps, items, flags). The shell gathers every rank's view and
+the functions here decide from the same list on every rank: so every rank raises, or
+none does, before anything is reduced, stepped or loaded.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import attrs
 
-from ..errors import RankMismatchError
+from ..errors import CheckpointError, RankMismatchError
 from ._state import AccumState, Normalization
 
-__all__ = ["WindowTotals", "agree", "window_header"]
+__all__ = [
+    "CLOSE",
+    "OPEN",
+    "RESUME",
+    "SCALE_COLUMN",
+    "WIDTH",
+    "RankView",
+    "WindowTotals",
+    "agree",
+    "agree_at_open",
+    "agree_open",
+    "agree_resume",
+    "float_bits",
+    "identity_problem",
+    "open_view",
+    "resume_view",
+    "window_header",
+    "window_view",
+]
+
+CLOSE = 1
+"""A view sent when a window closes (``accumulate``'s boundary, ``flush``)."""
+RESUME = 2
+"""A view sent when a checkpoint is loaded."""
+OPEN = 3
+"""A view sent at a window's first micro-step under ``sync_every_micro_step`` (there every
+backward reduces, so the ranks must agree on the window before its first one)."""
+_DOING = {CLOSE: "close a window", RESUME: "load a checkpoint", OPEN: "open a window"}
+
+
+def float_bits(value: float) -> int:
+    """A float as the int64 of its IEEE-754 double bits (equal floats, equal ints)."""
+    return int(struct.unpack("<q", struct.pack("<d", float(value)))[0])
+
+
+def _bits_float(bits: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", int(bits)))[0])
+
+
+@attrs.frozen
+class RankView:
+    """One rank's view, exchanged as a row of int64 (``to_row``/``from_row``)."""
+
+    kind: int
+    rank: int
+    """The rank's global rank, so a message can name it."""
+    epoch: int
+    optimizer_steps: int
+    skipped_steps: int
+    failures: int
+    """Window steps that raised on this rank since the process started or last resumed."""
+    scale: int
+    """The GradScaler's scale as ``float_bits`` (0 without one)."""
+    window: int
+    """The planned window size."""
+    mean_mode: int
+    """1 unless the window is in item mode (a window's size must agree only in mean mode)."""
+    open: int
+    micro_steps: int
+    items: int
+    item_mode: int
+    final: int
+    reduces: int
+    scaled: int
+    saved_by: int = -1
+    """Resume only: the rank that took this rank's mid-window checkpoint (-1: none)."""
+    saved_world: int = 0
+    """Resume only: the world size the mid-window checkpoint was taken in (0: none)."""
+    refused: int = 0
+    """Resume only: 1 if this rank's checkpoint was refused (its own error says why)."""
+
+    def to_row(self) -> list[int]:
+        return [int(value) for value in attrs.astuple(self)]
+
+    @classmethod
+    def from_row(cls, row: Sequence[int]) -> RankView:
+        return cls(*(int(value) for value in row))
+
+    @property
+    def effective_step(self) -> int:
+        return self.optimizer_steps + self.skipped_steps
+
+
+WIDTH = len(attrs.fields(RankView))
+"""Integers per rank in an exchange."""
+SCALE_COLUMN = [field.name for field in attrs.fields(RankView)].index("scale")
+"""Where the shell writes the GradScaler's scale bits (on the device, with no host read)."""
+
+
+def _identity(state: AccumState, kind: int, rank: int, failures: int, scale: int) -> RankView:
+    return RankView(
+        kind=kind,
+        rank=rank,
+        epoch=state.epoch,
+        optimizer_steps=state.optimizer_steps,
+        skipped_steps=state.skipped_steps,
+        failures=failures,
+        scale=scale,
+        window=state.window,
+        mean_mode=int(state.window_norm is not Normalization.ITEMS),
+        open=int(state.micro_step > 0),
+        micro_steps=state.micro_step,
+        items=state.window_items,
+        item_mode=int(state.window_norm is Normalization.ITEMS),
+        final=0,
+        reduces=0,
+        scaled=int(state.window_scaled is True),
+    )
+
+
+def agree_at_open(state: AccumState, boundary: bool) -> bool:
+    """Whether the ranks exchange their views before this micro-step's backward although
+    the window does not close: its first micro-step under ``sync_every_micro_step``, where
+    every backward reduces, so ranks planning different windows would otherwise meet in
+    different collectives. ``state`` is the state before the micro-step."""
+    return state.micro_step == 0 and state.config.sync_every_micro_step and not boundary
+
+
+def agree_open(views: Sequence[RankView]) -> None:
+    """Raise ``RankMismatchError`` unless the ranks open the same window of the same run."""
+    problem = identity_problem(views)
+    if problem is not None:
+        raise RankMismatchError(problem)
+
+
+def open_view(state: AccumState, *, rank: int, failures: int = 0, scale: int = 0) -> RankView:
+    """This rank's view of the window its first micro-step opens (``state`` holds it)."""
+    return _identity(state, OPEN, rank, failures, scale)
+
+
+def window_view(
+    state: AccumState,
+    *,
+    rank: int,
+    final: bool,
+    reduces: bool,
+    failures: int = 0,
+    scale: int = 0,
+) -> RankView:
+    """This rank's view of its closing window (``state`` holds its last micro-step)."""
+    view = _identity(state, CLOSE, rank, failures, scale)
+    return attrs.evolve(view, final=int(final), reduces=int(reduces))
+
+
+def resume_view(
+    state: AccumState,
+    *,
+    rank: int,
+    saved_by: tuple[int, int] | None,
+    scale: int = 0,
+    refused: bool = False,
+) -> RankView:
+    """This rank's view of the state it is about to resume from; ``saved_by`` is the
+    (rank, world size) that took its checkpoint inside a window, else None (one process's,
+    when the state is inside a window); ``refused``:
+    this rank's checkpoint did not pass its own checks."""
+    view = attrs.evolve(_identity(state, RESUME, rank, 0, scale), refused=int(refused))
+    if saved_by is None:
+        if not view.open:
+            return view
+        saved_by = (0, 1)  # a mid-window checkpoint without a rank record: one process's
+    return attrs.evolve(view, saved_by=saved_by[0], saved_world=saved_by[1])
 
 
 def window_header(state: AccumState, *, final: bool, reduces: bool) -> list[int]:
-    """This rank's view of its closing window, as the integers the group sums."""
-    return [
-        1,
-        int(state.micro_step > 0),
-        state.micro_step,
-        state.window_items,
-        int(state.window_norm is Normalization.ITEMS),
-        int(final),
-        int(reduces),
-        int(state.window_scaled is True),
-    ]
+    """This rank's closing window as the row of integers the ranks exchange."""
+    return window_view(state, rank=0, final=final, reduces=reduces).to_row()
 
 
 @attrs.frozen
 class WindowTotals:
-    """The headers of all ranks, summed."""
+    """The closing window over all ranks."""
 
     ranks: int
     open: int
@@ -53,28 +208,134 @@ class WindowTotals:
     """Ranks whose window's losses were scaled by a GradScaler."""
 
     @classmethod
-    def from_sums(cls, sums: Sequence[int]) -> WindowTotals:
-        return cls(*(int(value) for value in sums))
-
-    @classmethod
-    def of(cls, headers: Sequence[Sequence[int]]) -> WindowTotals:
-        return cls.from_sums([sum(column) for column in zip(*headers, strict=True)])
+    def of(cls, views: Sequence[RankView]) -> WindowTotals:
+        return cls(
+            ranks=len(views),
+            open=sum(v.open for v in views),
+            micro_steps=sum(v.micro_steps for v in views),
+            items=sum(v.items for v in views),
+            item_mode=sum(v.item_mode for v in views),
+            final=sum(v.final for v in views),
+            reduces=sum(v.reduces for v in views),
+            scaled=sum(v.scaled for v in views),
+        )
 
 
 def _some(count: int, ranks: int) -> bool:
     return 0 < count < ranks
 
 
-def agree(totals: WindowTotals) -> bool:
-    """Check that the ranks can close this window together; return whether the gradients
-    need the fallback reduction (no rank's backward reduced them).
+def _by_value(views: Sequence[RankView], describe: str, value: str) -> str:
+    """``rank 0 is in effective step 2, rank 1 in effective step 1`` (grouped by value)."""
+    groups: dict[int, list[int]] = {}
+    for view in views:
+        groups.setdefault(getattr(view, value), []).append(view.rank)
+    parts = []
+    for index, (found, ranks) in enumerate(sorted(groups.items(), key=lambda kv: kv[1])):
+        who = ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks[:8]))
+        if len(ranks) > 8:
+            who += f" (and {len(ranks) - 8} more)"
+        shown = _bits_float(found) if value == "scale" else found
+        verb = ("is" if len(ranks) == 1 else "are") if index == 0 else ""
+        parts.append(f"{who} {verb} {describe} {shown}".replace("  ", " "))
+    return ", ".join(parts)
 
-    Raises ``RankMismatchError`` when only some ranks are in item mode, only some scaled
-    their losses with a GradScaler, only some ended
-    their data (``is_final_batch``), or only some ran a reducing backward (a full window on
-    one rank, a short final window on another): those ranks would otherwise wait on
-    collectives the others never issue, or average different things.
+
+def identity_problem(views: Sequence[RankView], failure_notes: Sequence[str] = ()) -> str | None:
+    """Why these ranks are not in the same window of the same run, or None if they are.
+
+    ``failure_notes``: each rank's last failed step (``""`` if none), to say why it failed.
     """
+    first = views[0]
+
+    def differ(name: str) -> bool:
+        return any(getattr(view, name) != getattr(first, name) for view in views)
+
+    if differ("kind"):
+        doing = "; ".join(
+            f"rank(s) {[v.rank for v in views if v.kind == kind]} {what}"
+            for kind, what in _DOING.items()
+            if any(v.kind == kind for v in views)
+        )
+        return (
+            f"the ranks are at different points ({doing}): every rank must load the "
+            f"accumulator's checkpoint at the same point (each its own file, or the same "
+            f"file), or none, and run the same number of micro-batches per window."
+        )
+    if differ("failures"):
+        most = max(view.failures for view in views)
+        bad = [view.rank for view in views if view.failures == most]
+        ok = [view.rank for view in views if view.failures != most]
+        whys = [
+            f"rank {view.rank}: {note}"
+            for view, note in zip(views, failure_notes, strict=False)
+            if note and view.rank in bad
+        ]
+        why = f" ({'; '.join(whys)})" if whys else ""
+        return (
+            f"a window's step failed on rank(s) {bad} and not on rank(s) {ok}{why}: the "
+            f"ranks' parameters, optimizer and scheduler states may now differ, so no rank "
+            f"goes on. Fix the cause and restart every rank from the last checkpoint all of "
+            f"them completed."
+        )
+    if differ("optimizer_steps") or differ("skipped_steps"):
+        steps = _by_value(views, "in effective step", "effective_step")
+        if not differ("effective_step"):
+            steps = (
+                _by_value(views, "with applied windows", "optimizer_steps")
+                + " (the others skipped)"
+            )
+        return (
+            f"{steps}: the ranks are in different windows (resumed from checkpoints of "
+            f"different steps, or a window was applied on some ranks and skipped on others); "
+            f"resume every rank from the same step."
+        )
+    if differ("epoch"):
+        return (
+            f"{_by_value(views, 'in epoch', 'epoch')}: call reset_epoch on every rank at the "
+            f"same point, and resume every rank from the same step."
+        )
+    if differ("scale") and not differ("scaled"):  # (a scaler on some ranks: agree says so)
+        return (
+            f"{_by_value(views, 'at GradScaler scale', 'scale')}: the ranks would average "
+            f"gradients scaled differently (a step that failed or was skipped on some ranks "
+            f"only, or scalers loaded from different checkpoints); resume every rank from the "
+            f"same step with the same scaler state."
+        )
+    if first.kind == OPEN and differ("window"):
+        return (
+            f"{_by_value(views, 'planning a window of', 'window')} micro-batches: with "
+            f"sync_every_micro_step=True every backward reduces gradients, so the ranks must "
+            f"close their windows at the same micro-step; give every rank the same "
+            f"accumulation steps (a schedule must not read rank-local state)."
+        )
+    if first.kind == CLOSE and first.mean_mode and not differ("mean_mode") and differ("window"):
+        return (
+            f"{_by_value(views, 'planning a window of', 'window')} micro-batches: in mean mode "
+            f"each rank divides its losses by its window, so the ranks must plan the same "
+            f"window (give every rank the same accumulation steps; a schedule must not read "
+            f"rank-local state). To split each rank's batch into a number of micro-batches of "
+            f"its own, use item mode (num_items=...), which divides by the items over all ranks."
+        )
+    return None
+
+
+def agree(views: Sequence[RankView]) -> tuple[WindowTotals, bool]:
+    """Check that the ranks can close this window together; return the window over all
+    ranks and whether the gradients need the fallback reduction (no rank's backward
+    reduced them).
+
+    Raises ``RankMismatchError`` when the ranks are not in the same window
+    (``identity_problem``), or when only some are in item mode, only some scaled their
+    losses with a GradScaler, only some ended their data (``is_final_batch``), or only some
+    ran a reducing backward (a full window on one rank, a short final window on another):
+    those ranks would otherwise wait on collectives the others never issue, or average
+    different things.
+    """
+    problem = identity_problem(views)
+    if problem is not None:
+        raise RankMismatchError(problem)
+    totals = WindowTotals.of(views)
     ranks = totals.ranks
     if _some(totals.open, ranks):
         raise RankMismatchError(
@@ -109,4 +370,45 @@ def agree(totals: WindowTotals) -> bool:
             f"micro-batches in their last window. Give every rank the same number of "
             f"micro-batches (DistributedSampler with drop_last=True)."
         )
-    return totals.reduces == 0
+    return totals, totals.reduces == 0
+
+
+def agree_resume(views: Sequence[RankView], world: int) -> None:
+    """Raise ``CheckpointError`` (the same on every rank) unless the ranks may resume
+    together from the states they loaded: the same window of the same run, and every
+    checkpoint taken inside a window taken by the rank loading it, in a job of this size."""
+    refused = [view.rank for view in views if view.refused]
+    if refused:
+        raise CheckpointError(
+            f"rank(s) {refused} refused the checkpoint they loaded (their own error says "
+            f"why), so no rank resumes: the ranks must resume from the same step together. "
+            f"(Nothing was loaded.)"
+        )
+    problem = identity_problem(views)
+    if problem is None and any(v.micro_steps != views[0].micro_steps for v in views):
+        problem = (
+            f"{_by_value(views, 'at micro-step', 'micro_steps')} of the window: the ranks' "
+            f"checkpoints were taken at different micro-steps; resume every rank from the "
+            f"same micro-step."
+        )
+    if problem is not None:
+        raise CheckpointError(f"the ranks cannot resume together: {problem} (Nothing was loaded.)")
+    strangers = [v for v in views if v.open and (v.saved_by, v.saved_world) != (v.rank, world)]
+    if not strangers:
+        return
+    view = strangers[0]
+    taken = (
+        f"taken inside a window ({view.micro_steps} micro-step(s) in) by rank {view.saved_by} "
+        f"of {view.saved_world}"
+        if view.saved_world > 1
+        else f"taken inside a window ({view.micro_steps} micro-step(s) in) on one process"
+    )
+    raise CheckpointError(
+        f"rank {view.rank} of {world} loaded a checkpoint {taken}, so no rank resumes. Each "
+        f"rank's open window holds its own gradients, so a checkpoint taken inside a window "
+        f"resumes only on the rank that saved it, in a job of the same size: save on every "
+        f"rank into a file of its own (f'accum-rank{{rank}}.pt'), use "
+        f"accumfn.checkpoint.distributed_state with torch.distributed.checkpoint, or "
+        f"checkpoint at a window boundary (state.is_accumulating is False), where rank 0's "
+        f"checkpoint serves every rank and any number of ranks. (Nothing was loaded.)"
+    )
