@@ -149,8 +149,8 @@ def test_message_names_the_ranks_and_their_steps() -> None:
     ]
     with pytest.raises(
         RankMismatchError,
-        match="rank 0 is in effective step 2, rank 1 in "
-        "effective step 1.*resume every rank from the same step",
+        match=r"rank 0 is in effective step 2, rank 1 in "
+        r"effective step 1.*resume every rank from the same step",
     ):
         core.agree(views)
 

@@ -135,11 +135,11 @@ def test_rank_killed_between_step_and_save_is_refused_on_every_rank(tmp_path: Pa
 
 def _load_mixed(rank: int, world: int, ckdir: str, bad_rank: int) -> dict[str, Any]:
     """Every rank loads its own mid-window file; ``bad_rank``'s does not fit its optimizer."""
-    module, opt, acc = _build()
+    module, _, acc = _build()
     ckpt = load_checkpoint(Path(ckdir) / f"rank{rank}-6.pt")
     if rank == bad_rank:
         ckpt["accum"]["partial_grads"] = ckpt["accum"]["partial_grads"][:-1]
-    model = DistributedDataParallel(module)
+    DistributedDataParallel(module)
     before = acc.state_dict()
     try:
         acc.load_state_dict(ckpt["accum"])
@@ -173,7 +173,7 @@ def _fail_on_one_rank(rank: int, world: int, amp: bool) -> dict[str, Any]:
         if rank == 1 and calls[0] == 2:
             raise OSError("disk full while writing a gradient histogram")
 
-    module, opt, acc = _build(scaler=scaler, before_step=before_step)
+    module, _, acc = _build(scaler=scaler, before_step=before_step)
     model = DistributedDataParallel(module)
     acc.prepare(model)
     out: dict[str, Any] = {"step_errors": [], "error": None}
@@ -274,7 +274,7 @@ def test_per_rank_micro_batch_counts_are_exact_in_item_mode() -> None:
 def _replicate_after_prepare(rank: int, world: int) -> dict[str, Any]:
     from torch.distributed._composable.replicate import replicate
 
-    module, opt, acc = _build()
+    module, _, acc = _build()
     model = replicate(module)
     acc.prepare(model)  # before the first forward: replicate's DDP does not exist yet
     before = _params(model)
