@@ -15,11 +15,10 @@ import torch
 import torch.distributed as dist
 from torch.amp import GradScaler
 
-from . import _accum_buffer as buffers
-from ._distributed import all_reduce, device_for
-from ._grads import optimizer_params, zero_grads_
-from .core import AccumState, ByStep
-from .errors import CheckpointError, ConfigError, StateFormatError
+from ..core import AccumState, ByStep
+from ..errors import CheckpointError, ConfigError, StateFormatError
+from ..grads import buffers, optimizer_params, zero_grads_
+from ..parallel import all_reduce, device_for
 
 __all__ = ["capture", "restore"]
 
