@@ -10,17 +10,18 @@ not import torch until something that needs it is touched.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
 import sys
 import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .accumulate import accumulate, check_loss, flush, micro_step_context, prepare_forward
     from .accumulator import AccumulationStats, GradientAccumulator
     from .checkpoint import load_checkpoint, save_checkpoint
     from .config import AccumulationConfig
+    from .config.lr import scale_lr
     from .core import AccumConfig, AccumState, ByEpoch, ByStep, Constant, Normalization, init
-    from .effects import StepReport, apply_step, reset_epoch, step_window
     from .errors import (
         AccumError,
         CallOrderError,
@@ -33,8 +34,7 @@ if TYPE_CHECKING:
         StateFormatError,
         StepError,
     )
-    from .lightning import AccumulationConflictError
-    from .lr import scale_lr
+    from .integrations import AccumulationConflictError
     from .metrics import (
         CallableSink,
         JsonlSink,
@@ -43,11 +43,21 @@ if TYPE_CHECKING:
         TensorBoardSink,
         WandbSink,
     )
+    from .step import (
+        StepReport,
+        accumulate,
+        apply_step,
+        check_loss,
+        flush,
+        micro_step_context,
+        prepare_forward,
+        reset_epoch,
+        step_window,
+    )
 
 __version__ = "0.1.0"
 
 _HOMES: dict[str, tuple[str, ...]] = {
-    ".accumulate": ("accumulate", "check_loss", "flush", "micro_step_context", "prepare_forward"),
     ".accumulator": ("AccumulationStats", "GradientAccumulator"),
     ".checkpoint": ("load_checkpoint", "save_checkpoint"),
     ".config": ("AccumulationConfig",),
@@ -60,7 +70,6 @@ _HOMES: dict[str, tuple[str, ...]] = {
         "Normalization",
         "init",
     ),
-    ".effects": ("StepReport", "apply_step", "reset_epoch", "step_window"),
     ".errors": (
         "AccumError",
         "CallOrderError",
@@ -73,8 +82,8 @@ _HOMES: dict[str, tuple[str, ...]] = {
         "StateFormatError",
         "StepError",
     ),
-    ".lightning": ("AccumulationConflictError",),
-    ".lr": ("scale_lr",),
+    ".integrations": ("AccumulationConflictError",),
+    ".config.lr": ("scale_lr",),
     ".metrics": (
         "CallableSink",
         "JsonlSink",
@@ -82,6 +91,17 @@ _HOMES: dict[str, tuple[str, ...]] = {
         "MetricsTracker",
         "TensorBoardSink",
         "WandbSink",
+    ),
+    ".step": (
+        "StepReport",
+        "accumulate",
+        "apply_step",
+        "check_loss",
+        "flush",
+        "micro_step_context",
+        "prepare_forward",
+        "reset_epoch",
+        "step_window",
     ),
 }
 """Where each public name lives (the same as the imports above, which type checkers read)."""
@@ -136,6 +156,55 @@ _SUBMODULES = frozenset(
     {"checkpoint", "config", "core", "effects", "errors", "lr", "metrics", "plan", "testing"}
 )
 """Submodules reachable as ``accumfn.<name>`` after ``import accumfn`` alone."""
+
+_MOVED: dict[str, str] = {
+    "_accum_buffer": "grads.buffers",
+    "_check": "cli._check",
+    "_checkpoint": "checkpoint._capture",
+    "_dcp": "checkpoint._dcp",
+    "_distributed": "parallel._strategy",
+    "_foreign_wrappers": "parallel._refused",
+    "_grads": "grads._arithmetic",
+    "_window": "step._window",
+    "accumulate": "step._accumulate",
+    "config_plan": "config._advice",
+    "demo": "cli.demo",
+    "effects": "step._apply",
+    "lightning": "integrations._detect",
+    "lightning_callback": "integrations.lightning",
+    "lr": "config.lr",
+    "plan": "config.plan",
+}
+"""Module paths from before the layers had folders, and the module each one is now.
+
+``import accumfn.effects``, ``from accumfn.lightning_callback import ExactAccumulation`` and
+pickles that name an old path load the module that lives at the new path (the same object).
+"""
+
+
+class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``accumfn.<old path>`` as the module at its new path (see ``_MOVED``)."""
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        package, _, old = fullname.partition(".")
+        if package != __name__ or old not in _MOVED:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        module = importlib.import_module(f"{__name__}.{_MOVED[spec.name.partition('.')[2]]}")
+        spec.loader_state = module.__spec__
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        """Nothing to run (the module is loaded); give it back the spec of its own path."""
+        module.__spec__ = module.__spec__.loader_state if module.__spec__ else None
+
+
+if not any(isinstance(finder, _Moved) for finder in sys.meta_path):
+    sys.meta_path.append(_Moved())
 
 
 def __getattr__(name: str) -> Any:

@@ -12,25 +12,33 @@ import torch.distributed as dist
 from torch import nn
 from torch.amp import GradScaler
 
-from . import _checkpoint, core
-from ._grads import check_scaler
-from ._window import (
+from . import core
+from .checkpoint import _capture as _checkpoint
+from .core import AccumState
+from .core._schedule import Constant
+from .errors import CallOrderError, ConfigError, StepError
+from .grads import check_scaler
+from .integrations import check_conflict, trainer_accumulation
+from .step import (
     Optimizers,
     Schedulers,
+    accumulate,
     as_optimizers,
     as_schedulers,
     check_fp16_with_scaler,
+    check_hooks,
+    check_loss,
+    check_model,
     check_steppable,
     claim_scaler,
+    flush,
+    prepare_forward,
+    prepare_step,
+    reset_epoch,
+    run_step,
     warn_untracked,
     window_params,
 )
-from .accumulate import accumulate, check_loss, flush, prepare_forward
-from .core import AccumState
-from .core._schedule import Constant
-from .effects import check_hooks, check_model, prepare_step, reset_epoch, run_step
-from .errors import CallOrderError, ConfigError, StepError
-from .lightning import check_conflict, trainer_accumulation
 
 if TYPE_CHECKING:
     from .config import AccumulationConfig

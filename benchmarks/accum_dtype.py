@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import accumfn
-from accumfn import _accum_buffer
+from accumfn.grads import buffers as _accum_buffer
 
 __all__ = ["main"]
 

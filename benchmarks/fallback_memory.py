@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from accumfn import _distributed
+from accumfn.parallel import _strategy as _distributed
 
 __all__ = ["main"]
 

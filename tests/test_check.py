@@ -18,7 +18,8 @@ import attrs
 import pytest
 
 import accumfn
-from accumfn import _checkpoint, core
+from accumfn import core
+from accumfn.checkpoint import _capture as _checkpoint
 from accumfn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def test_an_error_inside_a_check_is_a_failure(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(accumfn._check, "save_checkpoint", broken)
+    monkeypatch.setattr(accumfn.cli._check, "save_checkpoint", broken)
     assert main(["check"]) == 1
     out = capsys.readouterr().out
     assert "FAIL  resume     RuntimeError: disk full" in out

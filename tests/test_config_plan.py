@@ -10,7 +10,7 @@ import pytest
 
 from accumfn import AccumulationConfig
 from accumfn.cli import main
-from accumfn.config_plan import format_batch_table, same_batch_rows
+from accumfn.config import format_batch_table, same_batch_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_FILE = str(ROOT / "examples" / "config.yaml")
@@ -129,7 +129,7 @@ def test_plan_and_the_config_import_no_torch() -> None:
         "from accumfn.cli import main\n"
         f"argv = ['plan', '--config', {SEED_FILE!r}, '--lr', '3e-4', '--base-batch', '8']\n"
         "assert main(argv) == 0\n"
-        "import accumfn.config, accumfn.lr\n"
+        "import accumfn.config, accumfn.config.lr\n"
         "print('torch' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import accumfn
-from accumfn import _distributed
+from accumfn.parallel import _strategy as _distributed
 
 from ._dist_utils import (
     CLASSES,

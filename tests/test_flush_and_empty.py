@@ -170,7 +170,7 @@ def test_a_window_without_items_is_skipped_with_a_warning_and_no_scheduler_step(
 def test_a_bad_sync_timeout_is_refused_before_any_collective(
     raw: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from accumfn import _distributed
+    from accumfn.parallel import _strategy as _distributed
 
     monkeypatch.setenv("ACCUMFN_SYNC_TIMEOUT", raw)
     with pytest.raises(accumfn.ConfigError, match="ACCUMFN_SYNC_TIMEOUT must be a number"):
@@ -178,7 +178,7 @@ def test_a_bad_sync_timeout_is_refused_before_any_collective(
 
 
 def test_sync_timeout_inf_waits_as_long_as_it_takes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from accumfn import _distributed
+    from accumfn.parallel import _strategy as _distributed
 
     monkeypatch.setenv("ACCUMFN_SYNC_TIMEOUT", "inf")
     assert _distributed._timeout() is None

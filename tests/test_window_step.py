@@ -657,7 +657,7 @@ def test_low_precision_rescale_rounds_once() -> None:
     grad = torch.linspace(-3, 3, 101, dtype=torch.float16)
     param = nn.Parameter(torch.zeros(101, dtype=torch.float16))
     param.grad = grad.clone()
-    from accumfn._grads import scale_grads_
+    from accumfn.grads import scale_grads_
 
     scale_grads_([param], 1 / 3)
     assert torch.equal(param.grad, (grad.float() * (1 / 3)).half())

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .. import core
-from ..effects import LRScheduler
 from ..errors import ConfigError
+from ..step import LRScheduler
 from ._batches import batch_size
 from ._culprits import find_culprits
 from ._equivalence import (

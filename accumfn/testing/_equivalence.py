@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import core
-from ..accumulate import accumulate
-from ..effects import LRScheduler, step_window
 from ..errors import ConfigError
+from ..step import LRScheduler, accumulate, step_window
 from ._batches import batch_size, concat_batches
 from ._culprits import find_culprits
 

@@ -19,9 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import core
-from ..accumulate import accumulate, prepare_forward
-from ..effects import LRScheduler, step_window
 from ..errors import ConfigError
+from ..step import LRScheduler, accumulate, prepare_forward, step_window
 from ._spawn import FINISHED, connect, report_progress
 
 __all__ = ["WRAPS", "RankJob", "WindowRecord", "describe", "load_weights", "rank_main"]

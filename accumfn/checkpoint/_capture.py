@@ -15,12 +15,11 @@ import torch
 import torch.distributed as dist
 from torch.amp import GradScaler
 
-from . import _accum_buffer as buffers
-from . import core
-from ._distributed import clear_failures, device_for, exchange
-from ._grads import optimizer_params, zero_grads_
-from .core import AccumState, ByStep
-from .errors import CheckpointError, ConfigError, StateFormatError
+from .. import core
+from ..core import AccumState, ByStep
+from ..errors import CheckpointError, ConfigError, StateFormatError
+from ..grads import buffers, optimizer_params, zero_grads_
+from ..parallel import clear_failures, device_for, exchange
 
 __all__ = ["capture", "restore"]
 

@@ -11,11 +11,14 @@ import torch
 from torch import nn
 from torch.amp import GradScaler
 
-from . import _accum_buffer as buffers
-from . import _distributed as distributed
-from . import core
-from ._grads import (
+from .. import core
+from .. import parallel as distributed
+from ..core import AccumState
+from ..core._checks import check_positive_float
+from ..errors import CallOrderError, ConfigError, StepError
+from ..grads import (
     WindowGrads,
+    buffers,
     check_scaler,
     clip_grads_by_value_,
     grads_of,
@@ -36,9 +39,6 @@ from ._window import (
     param_set,
     warn_untracked,
 )
-from .core import AccumState
-from .core._checks import check_positive_float
-from .errors import CallOrderError, ConfigError, StepError
 
 __all__ = [
     "LRScheduler",

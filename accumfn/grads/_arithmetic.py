@@ -9,7 +9,7 @@ import torch
 from torch.amp import GradScaler
 from torch.utils._foreach_utils import _has_foreach_support
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "WindowGrads",

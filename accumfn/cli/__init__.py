@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import AccumError
+from ..errors import AccumError
 
 __all__ = ["COMMANDS", "Command", "main"]
 
@@ -144,7 +144,7 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .config_plan import plan_text
+    from ..config import plan_text
 
     names = ("config", "section", "batch_size", "steps", "target", "devices", "lr", "base_batch")
     print(plan_text(rule=args.rule, **{name: getattr(args, name) for name in names}))

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from ._checkpoint import capture, restore
+from ..errors import CheckpointError, CheckpointNotFoundError
+from ._capture import capture, restore
 from ._dcp import DistributedState, StateHolder, distributed_state
-from .errors import CheckpointError, CheckpointNotFoundError
 
 __all__ = [
     "DistributedState",

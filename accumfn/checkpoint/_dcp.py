@@ -19,13 +19,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.amp import GradScaler
 
-from ._checkpoint import capture, restore
-from ._grads import optimizer_params
-from .core import AccumState
-from .errors import CheckpointError, ConfigError
+from ..core import AccumState
+from ..errors import CheckpointError, ConfigError
+from ..grads import optimizer_params
+from ._capture import capture, restore
 
 if TYPE_CHECKING:
-    from .accumulator import GradientAccumulator
+    from ..accumulator import GradientAccumulator
 
 __all__ = ["DistributedState", "StateHolder", "distributed_state"]
 
@@ -53,7 +53,7 @@ class DistributedState:
     """``Stateful`` view of an accumulator (or a ``StateHolder``) and its model."""
 
     def __init__(self, target: GradientAccumulator | StateHolder, model: nn.Module) -> None:
-        from .accumulator import GradientAccumulator
+        from ..accumulator import GradientAccumulator
 
         if not isinstance(target, GradientAccumulator | StateHolder):
             raise ConfigError(

@@ -10,13 +10,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.amp import GradScaler
 
-from . import _accum_buffer as buffers
-from . import _distributed as distributed
-from . import core
-from ._grads import check_scaler
+from .. import core
+from .. import parallel as distributed
+from ..core import AccumState
+from ..errors import CallOrderError, ConfigError, LossError
+from ..grads import buffers, check_scaler
 from ._window import enabled
-from .core import AccumState
-from .errors import CallOrderError, ConfigError, LossError
 
 __all__ = ["accumulate", "check_loss", "flush", "micro_step_context", "prepare_forward"]
 

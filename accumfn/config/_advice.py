@@ -8,9 +8,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from .config import AccumulationConfig
-from .core._checks import check_choice, check_count, check_positive_float
-from .errors import ConfigError
+from ..core._checks import check_choice, check_count, check_positive_float
+from ..errors import ConfigError
+from ._settings import AccumulationConfig
 from .lr import LR_RULES, lr_factor
 
 __all__ = ["format_batch_table", "format_lr_advice", "plan_text", "same_batch_rows"]

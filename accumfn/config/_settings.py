@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from .core._checks import check_choice, check_count, check_positive_float, closest
-from .core._schedule import ByEpoch, Constant
-from .errors import ConfigError, MissingDependencyError
+from ..core._checks import check_choice, check_count, check_positive_float, closest
+from ..core._schedule import ByEpoch, Constant
+from ..errors import ConfigError, MissingDependencyError
 from .lr import LR_RULES, LRRule, lr_factor
 
 __all__ = ["AccumulationConfig"]

@@ -15,9 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..accumulate import accumulate
-from ..core import init
-from ..effects import apply_step
+from ...core import init
+from ...step import accumulate, apply_step
 from ._data import IGNORE, mlp, ragged_tokens, regression, token_model
 
 __all__ = ["DemoSettings", "StepRecord", "epoch_windows", "regression_steps", "token_steps"]

@@ -25,11 +25,11 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.nn.parallel import DistributedDataParallel
 
-from . import _accum_buffer as buffers
-from . import core
-from ._foreign_wrappers import check_steerable, fsdp_class
-from ._window import _caller_level
-from .errors import ConfigError, RankMismatchError
+from .. import core
+from ..errors import ConfigError, RankMismatchError
+from ..grads import buffers
+from ..step._window import _caller_level
+from ._refused import check_steerable, fsdp_class
 
 __all__ = [
     "BUCKET_BYTES",

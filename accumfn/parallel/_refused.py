@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["check_steerable", "fsdp_class"]
 

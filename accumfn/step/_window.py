@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.amp import GradScaler
 
-from ._grads import optimizer_params
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..grads import optimizer_params
 
 __all__ = [
     "LRScheduler",

@@ -9,7 +9,7 @@
    restored in a fresh Python process ends on the parameters of an uninterrupted run,
    bit for bit.
 
-``python -m accumfn._check resume CHECKPOINT OUT`` is the fresh process of check 3.
+``python -m accumfn.cli._check resume CHECKPOINT OUT`` is the fresh process of check 3.
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .accumulate import accumulate
-from .accumulator import GradientAccumulator
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import AccumulationConfig
-from .core import init
-from .effects import apply_step, reset_epoch
+from ..accumulator import GradientAccumulator
+from ..checkpoint import load_checkpoint, save_checkpoint
+from ..config import AccumulationConfig
+from ..core import init
+from ..step import accumulate, apply_step, reset_epoch
 
 __all__ = ["CheckResult", "check_command", "run_checks"]
 
@@ -263,7 +262,7 @@ def _fresh_process(checkpoint: Path, out: Path) -> None:
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     done = subprocess.run(
-        [sys.executable, "-m", "accumfn._check", "resume", str(checkpoint), str(out)],
+        [sys.executable, "-m", "accumfn.cli._check", "resume", str(checkpoint), str(out)],
         env={**os.environ, "PYTHONPATH": path},
         capture_output=True,
         text=True,
@@ -369,5 +368,5 @@ def main(config: AccumulationConfig, source: str) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "resume":
-        sys.exit("usage: python -m accumfn._check resume CHECKPOINT OUT")
+        sys.exit("usage: python -m accumfn.cli._check resume CHECKPOINT OUT")
     resume(Path(sys.argv[2]), Path(sys.argv[3]))

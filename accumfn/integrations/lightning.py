@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from . import core
-from ._grads import optimizer_params, scale_grads_
-from ._optional import raise_missing
-from .core import AccumState, Normalization
-from .core._checks import check_count
-from .errors import CallOrderError, ConfigError
+from .. import core
+from .._optional import raise_missing
+from ..core import AccumState, Normalization
+from ..core._checks import check_count
+from ..errors import CallOrderError, ConfigError
+from ..grads import optimizer_params, scale_grads_
 
 try:
     import lightning.pytorch as pl

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["AccumulationConflictError", "check_conflict", "trainer_accumulation"]
 
