@@ -371,6 +371,13 @@ class GradientAccumulator:
             self._step_pending()
             return True
         if self._model is None:
+            if self._state.is_accumulating:  # e.g. resumed from a file, no micro-step since
+                raise CallOrderError(
+                    f"flush() has a window of {self._state.micro_step} micro-batch(es) to step "
+                    f"but does not know the model (no accumulate or prepare since this "
+                    f"accumulator was built or loaded): call flush(model), or "
+                    f"prepare(model) after load_state_dict."
+                )
             return False
         model = self._model
         # The step's checks come first, so an error there changes nothing.

@@ -98,7 +98,8 @@ class WindowGrads:
         """The dense gradients by device and dtype, in torch's order."""
         if self._groups is None:
             dense = [g for g in self.grads if not g.is_sparse] if self.sparse else self.grads
-            self._groups = [_Group(d, t, gs) for (d, t), gs in _by_device_and_dtype(dense).items()]
+            grouped = _by_device_and_dtype(dense) if dense else {}  # (sparse only: no group)
+            self._groups = [_Group(d, t, gs) for (d, t), gs in grouped.items()]
         return self._groups
 
     def scale_(self, factor: float) -> None:

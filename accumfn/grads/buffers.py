@@ -10,13 +10,26 @@ optax's ``accumulator_dtype``, DeepSpeed's ``gradient_accumulation_dtype`` and M
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
+from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["buffered", "drop", "dtype_named", "put", "restore_", "stash_", "take"]
+__all__ = [
+    "buffered",
+    "cover",
+    "drop",
+    "dtype_named",
+    "put",
+    "restore_",
+    "stash_",
+    "stash_params",
+    "take",
+]
 
 _BUFFERS: Any = WeakIdKeyDictionary()  # untyped in torch
 """parameter -> the sum of its gradients in this window, in the accumulation dtype."""
@@ -63,15 +76,45 @@ def restore_(params: Iterable[torch.Tensor], factor: float) -> None:
     the wide dtype and then rounded once to the parameter's dtype (a window's sum that an
     fp16 gradient cannot hold is divided by its item count before it is rounded).
 
-    Parameters without a buffer (already in the wide dtype, or sparse) get the factor too,
-    so that the step applies none: ``core.rescale_in_step`` is False with ``accum_dtype``.
+    Parameters without a buffer (already in the wide dtype, sparse, or outside the model
+    in the first window) get the factor too, a narrow gradient multiplied in fp32 and
+    rounded once, so that the step applies none: ``core.rescale_in_step`` is False with
+    ``accum_dtype``.
     """
     for param in params:
         buffer = take(param)
         if buffer is not None:
             param.grad = buffer.mul_(factor).to(param.dtype)
-        elif param.grad is not None and factor != 1.0:
-            param.grad.mul_(factor)
+            continue
+        grad = param.grad
+        if grad is None or factor == 1.0:
+            continue
+        if grad.dtype in (torch.float16, torch.bfloat16):
+            grad.copy_(grad.to(torch.float32).mul_(factor))
+        else:
+            grad.mul_(factor)
+
+
+_COVERED: Any = WeakKeyDictionary()  # untyped in torch
+"""model -> the window's parameters outside it (an optimizer's, learnt at a step)."""
+
+
+def cover(model: nn.Module, window_params: Iterable[torch.Tensor]) -> None:
+    """Remember which of a window's parameters (its optimizers') lie outside ``model``, so
+    that ``stash_params`` sums their gradients in the wide dtype too."""
+    inside = {id(param) for param in model.parameters()}
+    outside = tuple(param for param in window_params if id(param) not in inside)
+    if outside or model in _COVERED:
+        _COVERED[model] = outside
+
+
+def stash_params(model: nn.Module) -> Iterable[torch.Tensor]:
+    """The parameters whose gradients a micro-step adds into wide buffers: the model's, and
+    the window's parameters outside it that a step made known (``cover``)."""
+    outside = _COVERED.get(model)
+    if not outside:
+        return model.parameters()
+    return itertools.chain(model.parameters(), outside)
 
 
 def drop(params: Iterable[torch.Tensor]) -> None:

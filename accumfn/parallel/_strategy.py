@@ -194,6 +194,32 @@ class DataParallel:
             return self._armed
         return self.kind in ("plain", "fsdp2")
 
+    def drop_unreduced_grads(self) -> None:
+        """Forget the gradients FSDP2 holds unreduced inside its modules (an open window's,
+        summed there until a backward reduce-scatters them), so that a dropped window does
+        not reach the next one. Nothing to do for DDP or a plain model: their open windows
+        live in ``.grad``."""
+        if self.kind != "fsdp2":
+            return
+        fsdp_type = fsdp_class("FSDPModule")
+        for module in self.model.modules():
+            if fsdp_type is None or not isinstance(module, fsdp_type):
+                continue
+            group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)  # type: ignore[operator]
+            for fsdp_param in getattr(group, "fsdp_params", None) or ():
+                if not hasattr(fsdp_param, "unsharded_accumulated_grad"):
+                    raise ConfigError(
+                        "cannot reach the gradients this torch's FSDP2 holds for an open "
+                        "window, so reset_epoch cannot drop it: build the state with "
+                        "sync_every_micro_step=True (gradients reduced and sharded every "
+                        "micro-step), or pass is_final_batch=True on the epoch's last "
+                        "micro-batch to apply the window instead."
+                    )
+                fsdp_param.unsharded_accumulated_grad = None
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                if unsharded is not None:
+                    unsharded.grad = None
+
     def backward_done(self) -> None:
         self._armed = False
 

@@ -144,13 +144,11 @@ def accumulate(
         return new_state, False
     parallel.backward_done()
     if wide is not None:
-        buffers.stash_(parallel.model.parameters(), wide)
+        buffers.stash_(buffers.stash_params(parallel.model), wide)
     if plain:
         if not plan.boundary:
             return new_state, False
-        new_state = core.close_window(new_state)
-        buffers.restore_(parallel.model.parameters(), new_state.grad_scale)
-        return new_state, True
+        return core.close_window(new_state), True  # the step hands the buffers back
     if totals is None:
         parallel.set_forward_sync(core.sync_next_forward(new_state))
         return new_state, False
@@ -162,8 +160,6 @@ def accumulate(
         global_micro_steps=totals.micro_steps,
         averaged_over=parallel.world,
     )
-    if wide is not None:
-        buffers.restore_(parallel.model.parameters(), new_state.grad_scale)
     return new_state, True
 
 
@@ -207,6 +203,4 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
         global_micro_steps=totals.micro_steps,
         averaged_over=parallel.world,
     )
-    if state.config.accum_dtype is not None:
-        buffers.restore_(parallel.model.parameters(), closed.grad_scale)
     return closed, True

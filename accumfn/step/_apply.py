@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -64,6 +65,10 @@ class StepReport:
     """Pre-clip norm of the window's (unscaled, normalized) gradients: computed when
     something uses it (clipping, ``skip_nonfinite``, the GradScaler's check across several
     optimizers) or ``grad_norm=True`` asked for it; else None, and no norm is computed."""
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
 
 
 def check_model(model: object, *, optional: bool = False, hint: str = _ORDER) -> None:
@@ -202,6 +207,7 @@ def prepare_step(
         assert scaler is None or isinstance(scaler, GradScaler)
         schedulers = as_schedulers(scheduler)
         check_steppable(optimizers)
+        check_reduced(model, optimizers)
     assert isinstance(model, nn.Module)
     core.check_step_scaler(state, enabled(scaler) is not None)  # type: ignore[arg-type]
     params = param_set(optimizers)
@@ -223,6 +229,29 @@ def prepare_step(
         clip_value,
         optimizer,  # type: ignore[arg-type]
     )
+
+
+def check_reduced(model: object, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """ConfigError if the ranks would step parameters whose gradients nobody averages:
+    under DDP (or accumfn's own reduction of a plain model) only the model's are reduced.
+    (FSDP2 swaps the parameters it registers while a window is open: not checked.)"""
+    if not isinstance(model, nn.Module):
+        return
+    parallel = distributed.strategy(model)
+    if not parallel.distributed or parallel.kind not in ("ddp", "manual"):
+        return
+    params = list(optimizer_params(list(optimizers)))
+    inside = {id(param) for param in parallel.model.parameters()}
+    outside = sum(id(param) not in inside for param in params)
+    if outside:
+        raise ConfigError(
+            f"{outside} of the optimizer's {len(params)} parameters are not parameters of the "
+            f"model given to accumulate ({type(parallel.model).__name__}), whose "
+            f"data-parallel reduction is the only one: their gradients would never be "
+            f"averaged over the ranks, which would step them apart. Put them in that model "
+            f"(wrap the module holding all trained parameters in DDP/FSDP2), or give them an "
+            f"optimizer of their own with a model of their own."
+        )
 
 
 def _remembered(model: object, optimizer: object) -> tuple[torch.optim.Optimizer, ...] | None:
@@ -260,32 +289,75 @@ def _scaler_step(optimizer: torch.optim.Optimizer, scaler: GradScaler) -> bool:
 
 def _step_optimizers(
     window: _Window,
-    has_grads: list[bool],
+    unscaled: list[bool],
     norm: torch.Tensor | None,
     check_finite: bool,
     progress: _Progress,
 ) -> bool:
-    """Step every optimizer, or none when the window's gradients are not finite."""
+    """Step every optimizer, or none when the window's gradients are not finite.
+
+    ``unscaled``: the optimizers the GradScaler unscaled (it steps those and decides for
+    them whether their gradients are finite; it is updated once it holds their records).
+    """
     scaler = window.scaler
     if check_finite and norm is not None and not bool(torch.isfinite(norm)):  # one read
-        if scaler is not None:
-            scaler.update()
-            progress.scaler_pending = False
+        _update_scaler(scaler, progress)
         return False
     stepped = True
     progress.phase = "optimizer"
-    for index, (optimizer, grads) in enumerate(zip(window.optimizers, has_grads, strict=True)):
+    for index, (optimizer, held) in enumerate(zip(window.optimizers, unscaled, strict=True)):
         progress.index = index
-        if scaler is not None and grads:
+        if scaler is not None and held:
             stepped = _scaler_step(optimizer, scaler) and stepped
         else:
             optimizer.step()
         progress.stepped = index + 1
-    if scaler is not None and any(has_grads):
-        progress.phase = "update"
+    progress.phase = "update"
+    _update_scaler(scaler, progress)
+    return stepped
+
+
+def _update_scaler(scaler: GradScaler | None, progress: _Progress) -> None:
+    """``scaler.update()`` when it holds this window's unscale records (which only
+    ``update`` clears: left, they make every later window's ``unscale_`` raise)."""
+    if scaler is not None and progress.scaler_pending:
         scaler.update()
         progress.scaler_pending = False
-    return stepped
+
+
+def _holds_records(scaler: GradScaler) -> bool:
+    """Whether ``scaler`` holds unscale records that ``update()`` would use."""
+    states: dict[int, dict[str, Any]] = scaler._per_optimizer_states
+    return any(state.get("found_inf_per_device") for state in states.values())
+
+
+def _call_before_step(window: _Window, progress: _Progress) -> None:
+    """``before_step`` with the optimizer(s), refused if it steps them or updates the
+    GradScaler: it is a hook for looking at and editing the window's gradients."""
+
+    def refuse(*_: object) -> None:
+        raise ConfigError(
+            "before_step stepped an optimizer (optimizer.step() or scaler.step()): accumfn "
+            "steps the optimizer(s) once per window, right after before_step, which is for "
+            "looking at and editing the window's gradients. Remove the step from before_step "
+            "(to skip a window, drop its gradients: optimizer.zero_grad(set_to_none=True))."
+        )
+
+    assert window.before_step is not None
+    handles = [optimizer.register_step_pre_hook(refuse) for optimizer in window.optimizers]
+    try:
+        window.before_step(window.given if window.given is not None else window.optimizers[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    scaler = window.scaler
+    if scaler is not None and progress.scaler_pending and not _holds_records(scaler):
+        progress.scaler_pending = False
+        raise ConfigError(
+            "before_step called scaler.update(), which accumfn calls once per window after "
+            "the optimizer(s) stepped; before_step is for looking at and editing the "
+            "window's gradients. Remove the update from before_step."
+        )
 
 
 def _window_grads(params: ParamSet) -> tuple[WindowGrads, list[bool]]:
@@ -314,7 +386,7 @@ def _run(
     rescale = state.grad_scale != 1.0 and core.rescale_in_step(state)
     hooks = window.before_step is not None or window.clip_value is not None
     grads = None
-    has_grads = [True] * len(window.optimizers)  # read only with a GradScaler
+    unscaled = [False] * len(window.optimizers)  # read only with a GradScaler
     check_finite = config.skip_nonfinite
     if scaler is not None or clips or check_finite or want_norm or rescale or hooks:
         params = window.params
@@ -322,16 +394,19 @@ def _run(
             # A param group added since the check (in the boundary's backward): covered too.
             params = param_set(window.optimizers)
         grads, has_grads = _window_grads(params)
+        unscaled = has_grads
         if scaler is not None:
             for optimizer, present in zip(window.optimizers, has_grads, strict=True):
                 if present:
                     scaler.unscale_(optimizer)
                     progress.scaler_pending = True
+            # GradScaler decides per optimizer: with several, one read decides for all.
+            check_finite = sum(has_grads) > 1
         if rescale:
             grads.scale_(state.grad_scale)
         if window.before_step is not None:
             progress.phase = "before_step"
-            window.before_step(window.given if window.given is not None else window.optimizers[0])
+            _call_before_step(window, progress)
             progress.phase = "clip"
             if not params.current(window.optimizers):
                 raise ConfigError(
@@ -340,9 +415,11 @@ def _run(
                     "replace parameters between windows (after the step), not in before_step."
                 )
             grads, has_grads = _window_grads(params)  # it may have replaced or dropped some
-        if scaler is not None:
-            # GradScaler decides per optimizer: with several, one read decides for all.
-            check_finite = sum(has_grads) > 1
+            if not any(has_grads):  # it dropped them all: the window is skipped
+                _update_scaler(scaler, progress)
+                return False, None
+            # Gradients made non-finite after the GradScaler's own check: one read decides.
+            check_finite = check_finite or scaler is not None
     norm = None
     finite = None
     if grads is not None:
@@ -356,7 +433,7 @@ def _run(
         if config.max_grad_norm is not None and norm is not None:
             grads.clip_(config.max_grad_norm, norm)
     applied = _step_optimizers(
-        window, has_grads, norm if finite is None else finite, check_finite, progress
+        window, unscaled, norm if finite is None else finite, check_finite, progress
     )
     progress.applied = applied
     if applied and window.schedulers:
@@ -367,13 +444,28 @@ def _run(
     return applied, norm
 
 
+def _hand_back_wide(state: AccumState, window: _Window, model: nn.Module) -> None:
+    """``accum_dtype``: the window's parameters (its optimizers') get their wide sums back,
+    rescaled for the window and rounded once; the model's other parameters get theirs
+    unscaled (left as they are, as without ``accum_dtype``). The window's parameters
+    outside the model are summed in the wide dtype from the next window on."""
+    inner = distributed.strategy(model).model
+    params = window.params.params
+    buffers.cover(inner, params)
+    buffers.restore_(params, state.grad_scale)
+    inside = {id(param) for param in params}
+    buffers.restore_((p for p in inner.parameters() if id(p) not in inside), 1.0)
+
+
 def _recover(window: _Window, progress: _Progress) -> None:
     """After a failed step: drop the window's gradients, let the GradScaler start afresh."""
     zero_grads_(window.optimizers)
-    if window.scaler is not None and progress.scaler_pending:
+    scaler = window.scaler
+    if scaler is not None and progress.scaler_pending and _holds_records(scaler):
         # Clear its per-optimizer records for the next window without counting the failed
         # window as a clean step: the scale (and its growth tracker) stay as they were.
-        window.scaler.update(new_scale=window.scaler.get_scale())
+        scaler.update(new_scale=scaler.get_scale())
+    progress.scaler_pending = False
 
 
 def run_step(
@@ -384,6 +476,8 @@ def run_step(
     if progress.phase != "grads" or progress.scaler_pending:  # run before: start afresh
         _Progress.__init__(progress)
     try:
+        if state.config.accum_dtype is not None:
+            _hand_back_wide(state, window, model)
         applied, norm = _run(state, window, progress, grad_norm)
     except Exception as exc:
         _recover(window, progress)
@@ -504,8 +598,17 @@ def reset_epoch(
     """
     optimizers = as_optimizers(optimizer, hint=_ORDER)
     check_model(model, optional=True)
+    inside = state.is_accumulating and not state.config.sync_every_micro_step
+    if inside and model is None and any(_is_dtensor(p) for p in optimizer_params(optimizers)):
+        raise ConfigError(
+            "reset_epoch inside a window under FSDP2 needs the model: FSDP2 holds the open "
+            "window's gradients unsharded inside its own parameters, which accumfn clears "
+            "through the model. Pass it: reset_epoch(state, optimizer, model)."
+        )
     new_state, dropped = core.start_epoch(state)
     if dropped:
+        if model is not None and inside:
+            distributed.strategy(model).drop_unreduced_grads()
         zero_grads_(list(optimizers))
         buffers.drop(optimizer_params(list(optimizers)))
         warnings.warn(
