@@ -26,17 +26,20 @@ from ._culprits import find_culprits
 from ._equivalence import (
     NO_CULPRIT_HINT,
     EquivalenceReport,
+    Grads,
     LossFn,
     TensorDiff,
     Tracker,
-    applied_grads,
+    WindowRecord,
+    buffer_values,
     failure_message,
-    large_step,
     loss_or_default,
+    param_values,
     plan_windows,
-    state_tensors,
+    reference_window,
+    scale_factor,
 )
-from ._ranks import WRAPS, RankJob, WindowRecord, Wrap, describe, load_weights, rank_main
+from ._ranks import WRAPS, RankJob, Wrap, describe, load_weights, rank_main
 from ._spawn import run_ranks
 
 __all__ = ["check_distributed", "validate_distributed"]
@@ -176,7 +179,9 @@ def check_distributed(
         else None
     )
     tensors: list[TensorDiff] = []
-    wanted: list[list[dict[str, torch.Tensor]]] = []
+    wanted: list[list[WindowRecord]] = []
+    skipped: list[int] = []
+    mismatches: list[str] = []
     for rank, rank_records in enumerate(records):
         if len(rank_records) != len(windows):
             raise AssertionError(
@@ -190,9 +195,11 @@ def check_distributed(
                 "make_model returned the same module twice: it must build a new model on each "
                 "call, the weights are copied across."
             )
-        diffs, grads = _compare_rank(job, twin, rank, rank_records, large, items, rtol, atol)
-        tensors += diffs
-        wanted.append(grads)
+        tracker, want = _compare_rank(job, twin, rank_records, large, items, rtol, atol)
+        tensors += tracker.diffs(rank)
+        wanted.append(want)
+        skipped = tracker.skipped
+        mismatches += [f"rank {rank} {mismatch}" for mismatch in tracker.mismatches]
     sizes = [[batch_size(b) for b in large_batch(window)] for window in windows]
     report = EquivalenceReport(
         windows=tuple(len(w) for w in windows),
@@ -202,8 +209,10 @@ def check_distributed(
             + _rank_culprits(report_tensors=tensors, records=records, wanted=wanted)
         ),
         world_size=world,
+        skipped=tuple(skipped),
+        step_mismatches=tuple(mismatches),
     )
-    if report.diverged:
+    if report.failed:
         setup = f"steps={steps}, {world} ranks, wrap={describe(wrap)}"
         raise AssertionError(failure_message(report, setup, rtol, atol, _DISTRIBUTED_HINT))
     return report
@@ -212,38 +221,48 @@ def check_distributed(
 def _compare_rank(
     job: RankJob,
     twin: nn.Module,
-    rank: int,
     records: Sequence[WindowRecord],
     large: Sequence[Any],
     items: Sequence[int] | None,
     rtol: float,
     atol: float,
-) -> tuple[tuple[TensorDiff, ...], list[dict[str, torch.Tensor]]]:
-    """Train ``twin`` one large batch per window from ``rank``'s weights and compare.
+) -> tuple[Tracker, list[WindowRecord]]:
+    """Train ``twin`` one large batch per window from a rank's weights and compare.
 
-    Returns the differences and the gradients the large batch handed its optimizer.
+    Returns the judgement and the large batch's record of each window.
     """
     load_weights(twin, job.initial)
     optimizer = job.make_optimizer(twin)
     scheduler = job.make_scheduler(optimizer) if job.make_scheduler is not None else None
-    tracker = Tracker((n, k) for n, (k, _) in state_tensors(twin, applied_grads(twin)).items())
+    tracker = Tracker(param_values(twin), buffer_values(twin))
     wanted = []
     for number, (batch, record) in enumerate(zip(large, records, strict=True)):
         total = items[number] if items is not None else None
+        before = param_values(twin)
         loss = job.loss_fn(twin, batch)
-        want = large_step(twin, optimizer, scheduler, loss, total, job.max_grad_norm)
+        want = reference_window(twin, optimizer, scheduler, loss, total, job.max_grad_norm, record)
         wanted.append(want)
-        tracker.compare(_recorded(record), state_tensors(twin, want), number, rtol, atol)
+        tracker.compare(number, record, want, before, rtol, atol)
         # the next window starts from this rank's weights (see assert_equivalent)
         load_weights(twin, {**record.params, **record.buffers})
-    return tracker.diffs(rank), wanted
+    return tracker, wanted
 
 
-def _recorded(record: WindowRecord) -> dict[str, tuple[str, torch.Tensor]]:
-    found = {f"{name}.grad": ("gradient", g) for name, g in record.grads.items()}
-    found.update({name: ("buffer", b) for name, b in record.buffers.items()})
-    found.update({name: ("parameter", p) for name, p in record.params.items()})
-    return found
+def _gap(got: Grads, want: Grads) -> float | None:
+    """Largest difference of ``got`` from ``want`` as a fraction of ``want``'s largest entry,
+    or None when within 1e-4 of it (the ranks hand their steps the same gradients)."""
+    scale = gap = 0.0
+    for name, wanted in want.items():
+        have = got.get(name)
+        if (have is None) != (wanted is None):
+            return float("inf")
+        if have is None or wanted is None or not wanted.numel():
+            continue
+        scale = max(scale, float(wanted.double().abs().max()))
+        gap = max(gap, float((have.double() - wanted.double()).abs().max()))
+    if gap <= 1e-4 * scale:
+        return None
+    return gap / scale if scale > 0 else float("inf")
 
 
 def _disagreeing_ranks(records: Sequence[Sequence[WindowRecord]]) -> list[str]:
@@ -251,16 +270,17 @@ def _disagreeing_ranks(records: Sequence[Sequence[WindowRecord]]) -> list[str]:
     for window, first in enumerate(records[0]):
         for rank in range(1, len(records)):
             other = records[rank][window].grads
-            if all(torch.allclose(other[n], g) for n, g in first.grads.items()):
+            if first.grads is None or other is None:
                 continue
-            gap = max(
-                float((other[n] - g).abs().max()) for n, g in first.grads.items() if g.numel()
-            )
+            gap = _gap(other, first.grads)
+            if gap is None:
+                continue
             return [
                 f"the ranks hand their optimizers different gradients (window {window}: rank 0 "
-                f"and rank {rank} differ by up to {gap:.3e}): the gradients are not averaged "
-                f"over the ranks. Wrap the model with DistributedDataParallel or fully_shard, "
-                f"or all-reduce every gradient and divide it by the world size, once per window."
+                f"and rank {rank} differ by up to {gap:.3g} of their largest entry): the "
+                f"gradients are not averaged over the ranks. Wrap the model with "
+                f"DistributedDataParallel or fully_shard, or all-reduce every gradient and "
+                f"divide it by the world size, once per window."
             ]
     return []
 
@@ -268,20 +288,15 @@ def _disagreeing_ranks(records: Sequence[Sequence[WindowRecord]]) -> list[str]:
 def _scaled_ranks(
     first: dict[int, int],
     records: Sequence[Sequence[WindowRecord]],
-    wanted: Sequence[Sequence[dict[str, torch.Tensor]]],
+    wanted: Sequence[Sequence[WindowRecord]],
 ) -> list[str]:
     """Ranks whose gradients in their first diverged window are a multiple of the large batch's."""
     found: list[str] = []
     world = len(records)
     for rank, window in sorted(first.items()):
-        got = torch.cat([g.double().reshape(-1) for g in records[rank][window].grads.values()])
-        want = torch.cat([w.double().reshape(-1) for w in wanted[rank][window].values()])
-        norm = float(want.dot(want))
-        if norm == 0:
-            continue
-        scale = float(got.dot(want)) / norm
-        residual = float((got - scale * want).norm()) / max(float(got.norm()), 1e-300)
-        if residual > 1e-3 or abs(scale - 1) < 1e-3:
+        got, want = records[rank][window].grads, wanted[rank][window].grads
+        scale = None if got is None or want is None else scale_factor(got, want)
+        if scale is None:
             continue
         why = (
             f"summed over the {world} ranks and not divided by the world size?"
@@ -292,7 +307,7 @@ def _scaled_ranks(
         )
         found.append(
             f"rank {rank}'s gradients in window {window} are {scale:.4g} times the large "
-            f"batch's: {why}"
+            f"batch's (before clipping): {why}"
         )
     return found
 
@@ -300,7 +315,7 @@ def _scaled_ranks(
 def _rank_culprits(
     report_tensors: Sequence[TensorDiff],
     records: Sequence[Sequence[WindowRecord]],
-    wanted: Sequence[Sequence[dict[str, torch.Tensor]]],
+    wanted: Sequence[Sequence[WindowRecord]],
 ) -> list[str]:
     """Ranks whose gradients differ from each other, or are a multiple of the large batch's."""
     first: dict[int, int] = {}

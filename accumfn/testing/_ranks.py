@@ -21,6 +21,7 @@ from torch import nn
 from .. import core
 from ..errors import ConfigError
 from ..step import LRScheduler, accumulate, prepare_forward, step_window
+from ._equivalence import Grads, WindowRecord, quiet_skips
 from ._spawn import FINISHED, connect, report_progress
 
 __all__ = ["WRAPS", "RankJob", "WindowRecord", "describe", "load_weights", "rank_main"]
@@ -48,15 +49,6 @@ class RankJob:
     """``shards[r]``: the micro-batches of rank ``r``, in order."""
 
 
-@attrs.frozen
-class WindowRecord:
-    """One rank after one window: what its optimizer used, and the weights it reached."""
-
-    grads: dict[str, torch.Tensor]
-    params: dict[str, torch.Tensor]
-    buffers: dict[str, torch.Tensor]
-
-
 def describe(value: object) -> str:
     """``'ddp'``, ``my_wrap``, ``partial(DistributedDataParallel, bucket_cap_mb=1)``."""
     if isinstance(value, functools.partial):
@@ -75,11 +67,15 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return full.detach().clone()
 
 
-def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        name: _full(torch.zeros_like(p) if p.grad is None else p.grad)
-        for name, p in model.named_parameters()
-    }
+def _grads(model: nn.Module) -> Grads:
+    """Every gradient in full (None where a parameter has none). Every rank gathers every
+    parameter's, a zero one where it has none, so the ranks' collectives pair up."""
+    found: Grads = {}
+    for name, p in model.named_parameters():
+        grad = p.grad
+        full = _full(torch.zeros_like(p) if grad is None else grad)
+        found[name] = None if grad is None else full
+    return found
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -137,8 +133,7 @@ def _train(rank: int, job: RankJob, progress: Callable[[str], None]) -> list[Win
     progress("building the optimizer")
     optimizer = job.make_optimizer(wrapped)
     scheduler = job.make_scheduler(optimizer) if job.make_scheduler is not None else None
-    used: list[dict[str, torch.Tensor]] = []
-    optimizer.register_step_pre_hook(lambda *_: used.append(_grads(model)))
+    seen: list[Grads] = []
     state = core.init(job.steps, max_grad_norm=job.max_grad_norm)
     prepare_forward(state, wrapped)
     batches = job.shards[rank]
@@ -155,12 +150,20 @@ def _train(rank: int, job: RankJob, progress: Callable[[str], None]) -> list[Win
         )
         if stepped:
             progress(f"stepping window {len(records)}")
-            state = step_window(state, optimizer, wrapped, scheduler=scheduler).state
-            if len(used) != len(records) + 1:
-                raise AssertionError(f"the optimizer did not step in window {len(records)}")
+            seen.clear()
+            with quiet_skips():  # a window without items: the parent reports it
+                report = step_window(
+                    state,
+                    optimizer,
+                    wrapped,
+                    scheduler=scheduler,
+                    before_step=lambda _: seen.append(_grads(model)),
+                )
+            state = report.state
             records.append(
                 WindowRecord(
-                    grads=used[-1],
+                    applied=report.applied,
+                    grads=seen[-1] if seen else None,
                     params={name: _full(p) for name, p in model.named_parameters()},
                     buffers={name: _full(b) for name, b in model.named_buffers()},
                 )
