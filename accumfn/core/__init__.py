@@ -1,6 +1,14 @@
-"""The pure core: frozen records and the transitions that decide every step. No torch."""
+"""The pure core: frozen records and the transitions that decide every step. No torch.
+
+The argument checks (``check_count``, ...) are shared with the layers above, so that every
+layer says the same thing about the same mistake.
+"""
 
 from ._agree import WindowTotals, agree, window_header
+from ._checks import check_choice as check_choice
+from ._checks import check_count as check_count
+from ._checks import check_positive_float as check_positive_float
+from ._checks import closest as closest
 from ._schedule import ByEpoch, ByStep, Constant, Schedule, StepsSpec, schedule_from
 from ._serialize import FORMAT
 from ._state import AccumConfig, AccumState, MicroPlan, Normalization

@@ -13,8 +13,7 @@ from torch.amp import GradScaler
 
 from .. import core
 from .. import parallel as distributed
-from ..core import AccumState
-from ..core._checks import check_positive_float
+from ..core import AccumState, check_positive_float
 from ..errors import CallOrderError, ConfigError, StepError
 from ..grads import (
     WindowGrads,
