@@ -92,17 +92,6 @@ def accumulator_step(
     return step
 
 
-def plain_step(workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer) -> MicroStep:
-    """No accumulation, by hand: backward, step and zero_grad every micro-step, no clipping."""
-
-    def step(index: int, batch: Batch, last: bool) -> None:
-        torch.autograd.backward(workload.loss(model, batch))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def accumulator_steps1_step(
     workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> MicroStep:
@@ -166,7 +155,7 @@ LOOPS: dict[str, Callable[[Workload, nn.Module, torch.optim.Optimizer], MicroSte
     "accumfn": functional_step,
     "accumfn_apply_step": apply_step_step,
     "accumulator": accumulator_step,
-    "plain": plain_step,
+    "plain": large_batch_step,  # on micro-batches: no accumulation, a step each
     "accumulator_steps1": accumulator_steps1_step,
     "accelerate": accelerate_step,
     "large_batch": large_batch_step,
