@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import Any
 
 import attrs
 import torch
@@ -12,10 +12,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.amp import GradScaler
 
-from . import core
-from .checkpoint import _capture as _checkpoint
+from . import checkpoint, core
+from .config import AccumulationConfig
 from .core import AccumState
-from .core._schedule import Constant
 from .errors import CallOrderError, ConfigError, StepError
 from .grads import check_scaler
 from .integrations import check_conflict, trainer_accumulation
@@ -40,21 +39,18 @@ from .step import (
     window_params,
 )
 
-if TYPE_CHECKING:
-    from .config import AccumulationConfig
-
 __all__ = ["AccumulationStats", "GradientAccumulator"]
-
-_PENDING = (
-    "The window's step could not run after its last backward: its gradients are kept and "
-    "nothing was stepped. Fix the cause, call accumulator.flush() to step the window, then "
-    "compute the next loss (a loss computed before that step saw the old parameters)."
-)
 
 _MODEL_HINT = " (the model whose loss this is, wrapped as you train it: DDP, FSDP2, torch.compile)"
 
-_NO_MODEL = object()
-"""``_checked_model`` until a model is checked: no argument is it, so the check runs."""
+_OLD_NAMES = {
+    **{f"_{name}": name for name in ("optimizer", "scaler", "scheduler", "before_step")},
+    "_clip_value": "clip_value",
+    "_settled": "",
+    "_checked_model": "",
+    "_warned_model": "",
+}
+"""Attributes of pickles from earlier versions: the name each is kept under now ("": none)."""
 
 
 @attrs.frozen
@@ -78,32 +74,6 @@ class AccumulationStats:
     """Windows skipped for non-finite gradients (GradScaler or ``skip_nonfinite``)."""
 
 
-_T = TypeVar("_T")
-
-
-class _StepSetting(Generic[_T]):
-    """An attribute the step checks (optimizer, scaler, ...): assigning it makes the next
-    window boundary run the step's checks before its backward again."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._slot = "_" + name
-
-    @overload
-    def __get__(self, accumulator: None, owner: type) -> _StepSetting[_T]: ...
-    @overload
-    def __get__(self, accumulator: GradientAccumulator, owner: type) -> _T: ...
-    def __get__(self, accumulator: GradientAccumulator | None, owner: type) -> Any:
-        if accumulator is None:
-            return self
-        return getattr(accumulator, self._slot)
-
-    def __set__(self, accumulator: GradientAccumulator, value: _T) -> None:
-        # Through setattr, not __dict__: a dict asked for leaves every attribute slower.
-        setattr(accumulator, self._slot, value)
-        accumulator._settled = None
-        accumulator._warned_model = None  # (another optimizer may leave parameters out)
-
-
 class GradientAccumulator:
     """Accumulate gradients over micro-batches, step like one large batch.
 
@@ -115,34 +85,18 @@ class GradientAccumulator:
 
     What a step needs is checked here (an optimizer needing a closure, a scheduler needing
     arguments, a GradScaler over fp16 parameters or shared with another accumulator) and
-    before a boundary's backward whenever it may fail there, so such errors change
-    nothing: at the first boundary, after ``optimizer``, ``scaler``, ``scheduler``,
-    ``before_step`` or ``clip_value`` is assigned, and at every boundary with a GradScaler,
-    several optimizers, a list of schedulers or a window size that varies. Otherwise the
-    checks, passed before by the same objects, run after the backward as ``step_window``
-    runs them; should one still fail (an object changed in place, such as a scheduler's
-    ``step`` replaced), the window keeps its gradients for ``flush`` to step once the
-    cause is fixed. If the optimizer or scheduler still raises in a step, ``accumulate`` raises
-    ``StepError`` and the accumulator continues from the next window (the failed one
-    counted as skipped, or as applied if every optimizer had stepped).
+    again at every window boundary before its backward, by the checks ``step_window``
+    runs, so such errors change nothing: the settings (``optimizer``, ``scaler``,
+    ``scheduler``, ``before_step``, ``clip_value``) may be assigned between micro-steps. If
+    the optimizer or scheduler still raises in a step, ``accumulate`` raises ``StepError``
+    and the accumulator continues from the next window (the failed one counted as skipped,
+    or as applied if every optimizer had stepped).
 
     ``stats.last_grad_norm`` is the pre-clip norm of the last window when a norm is
     computed: with clipping (``max_grad_norm``, on by default), ``skip_nonfinite``, or
     ``track_grad_norm=True``; without them no norm is computed and it reads nan. It stays
     on the device until read (one host-device sync, at the read).
     """
-
-    optimizer: _StepSetting[Optimizers] = _StepSetting()
-    scaler: _StepSetting[GradScaler | None] = _StepSetting()
-    scheduler: _StepSetting[Schedulers | None] = _StepSetting()
-    before_step: _StepSetting[Callable[[Optimizers], object] | None] = _StepSetting()
-    clip_value: _StepSetting[float | None] = _StepSetting()
-    # Where they are kept (read directly on the hot path).
-    _optimizer: Optimizers
-    _scaler: GradScaler | None
-    _scheduler: Schedulers | None
-    _before_step: Callable[[Optimizers], object] | None
-    _clip_value: float | None
 
     def __init__(
         self,
@@ -170,11 +124,6 @@ class GradientAccumulator:
         if not isinstance(track_grad_norm, bool):
             raise ConfigError(f"track_grad_norm must be True or False, got {track_grad_norm!r}.")
         check_conflict(accumulation_steps, trainer)
-        if trainer is not None and trainer_accumulation(trainer) is None:
-            raise ConfigError(
-                f"trainer {type(trainer).__name__} has no int accumulate_grad_batches: pass a "
-                f"Lightning Trainer, or trainer=None for manual accumulation."
-            )
         state = core.init(
             accumulation_steps,
             max_grad_norm=max_grad_norm,
@@ -196,32 +145,30 @@ class GradientAccumulator:
         self._norm: torch.Tensor | None = None
         self._track_grad_norm = track_grad_norm
         self._model: nn.Module | None = None
-        self._checked_model: object = _NO_MODEL  # (never matched under Lightning)
-        self._warned_model: object = None
-        # The model whose boundaries may run the step's checks after the backward: set when
-        # they passed and nothing they check can change unseen (see _settles).
-        self._settled: object = None
+        self._warned: tuple[nn.Module, Optimizers] | None = None
+        """The model and optimizer(s) last looked at for trainable parameters left out."""
 
     def __setstate__(self, saved: dict[str, Any]) -> None:
-        """Unpickle (also one pickled before the step settings were descriptors)."""
+        """Unpickle, also one pickled by an earlier version (settings kept as ``_name``)."""
         for name, value in saved.items():
-            setattr(self, name, value)  # (through the descriptors where they are named)
-        self._settled = None
-        self._checked_model = _NO_MODEL
+            if name in _OLD_NAMES:
+                name = _OLD_NAMES[name]
+            if name:
+                setattr(self, name, value)
+        self.__dict__.setdefault("_warned", None)
 
     # -- the step ---------------------------------------------------------------------------
-    def _prepare_step(
-        self, state: AccumState, model: nn.Module, *, warn: bool = True, early: bool = False
-    ) -> Any:
+    def _prepare_step(self, state: AccumState, model: nn.Module, *, early: bool = False) -> Any:
+        """The checks of ``step_window`` (``early``: before the boundary's backward)."""
         return prepare_step(
             state,
-            self._optimizer,
+            self.optimizer,
             model,
-            self._scaler,
-            self._scheduler,
-            before_step=self._before_step,
-            clip_value=self._clip_value,
-            warn=warn,
+            self.scaler,
+            self.scheduler,
+            before_step=self.before_step,
+            clip_value=self.clip_value,
+            warn=not early,
             early=early,
         )
 
@@ -231,7 +178,6 @@ class GradientAccumulator:
         ``process_group``: see ``accumfn.prepare_forward``.
         """
         self._model = model
-        self._checked_model = _NO_MODEL  # the next accumulate checks (and keeps) its model
         prepare_forward(self._state, model, process_group=process_group)
 
     def accumulate(
@@ -245,102 +191,39 @@ class GradientAccumulator:
 
         Under Lightning management this only checks the loss and returns True.
         """
-        state = self._state
-        if model is self._checked_model and not core.closes_window(state, is_final_batch):
-            # A micro-step inside the window, with the model already checked.
-            self._state, stepped = accumulate(
-                state,
-                loss,
-                model,
-                is_final_batch=is_final_batch,
-                num_items=num_items,
-                scaler=self._scaler,
-            )
-            return stepped
-        return self._accumulate(state, loss, model, is_final_batch, num_items)
-
-    def _accumulate(
-        self,
-        state: AccumState,
-        loss: torch.Tensor,
-        model: nn.Module,
-        is_final_batch: bool,
-        num_items: int | None,
-    ) -> bool:
-        """``accumulate`` for a window's last micro-step, a new model, or under Lightning."""
         if self._lightning:
             check_loss(loss)
             self._lightning_calls += 1
             return True
-        if model is not self._checked_model:
+        if model is not self._model:
             check_model(model, hint=_MODEL_HINT)
-            self._checked_model = self._model = model
-        if state.closed:  # a window whose step's checks raised after its backward
-            self._checked_model = _NO_MODEL  # (so that every call comes here until flush)
-            raise CallOrderError(_PENDING)
+            self._model = model
+        state = self._state
         window = None
-        if core.closes_window(state, is_final_batch) and self._settled is not model:
+        if core.closes_window(state, is_final_batch):
             # The step's checks, before the backward: an error here changes nothing.
-            window = self._prepare_step(state, model, warn=False, early=True)
-            self._settled = model if self._settles() else None
+            window = self._prepare_step(state, model, early=True)
         state, stepped = accumulate(
             state,
             loss,
             model,
             is_final_batch=is_final_batch,
             num_items=num_items,
-            scaler=self._scaler,
+            scaler=self.scaler,
         )
         self._state = state
         if stepped:
-            if window is None:
-                window = self._prepare_late(state, model)
+            assert window is not None  # (a window closes where closes_window says it does)
             self._step(state, window, model)
-            if model is not self._warned_model:  # after the step: an error here leaves no
-                self._warned_model = model  # window half done (warnings as errors)
-                warn_untracked(model, window.optimizers, window_params(window.optimizers))
+            self._warn_untracked(model, window.optimizers)
         return stepped
 
-    def _settles(self) -> bool:
-        """Whether the step's checks, once passed, pass at every later boundary until an
-        attribute they read is assigned: no GradScaler, one optimizer (a single optimizer's
-        parameters cannot be shared with another), no list of schedulers (a list can change
-        in place) and a constant window. Then the checks run after the boundary's backward,
-        as ``step_window`` runs them."""
-        return (
-            self._scaler is None
-            and isinstance(self._optimizer, torch.optim.Optimizer)
-            and not isinstance(self._scheduler, (list, tuple))
-            and type(self._state.config.schedule) is Constant
-        )
-
-    def _prepare_late(self, state: AccumState, model: nn.Module) -> Any:
-        """The step's checks after the boundary's backward (settled boundaries only).
-
-        They passed at an earlier boundary with the same objects; should one still raise
-        (an object changed in place), the closed window is kept with its gradients for
-        ``flush`` (or ``reset_epoch``) to step once the cause is fixed.
-        """
-        try:
-            return self._prepare_step(state, model, warn=False)
-        except Exception as exc:
-            self._settled = None
-            self._checked_model = _NO_MODEL
-            add_note = getattr(exc, "add_note", None)  # Python 3.11+
-            if add_note is not None:
-                add_note(_PENDING)
-            raise
-
-    def _step_pending(self) -> None:
-        """Step a closed window whose checks raised after its backward (see _prepare_late)."""
-        model = self._model
-        if model is None:  # (a state_dict loaded while such a window was pending)
-            raise CallOrderError(
-                "a closed window is waiting for its step: call accumulator.flush(model) with "
-                "the model to step it."
-            )
-        window = self._prepare_step(self._state, model)
-        self._step(self._state, window, model)
+    def _warn_untracked(self, model: nn.Module, optimizers: Any) -> None:
+        """Once per model and optimizer(s), after the step (no window left half done)."""
+        warned = self._warned
+        if warned is None or warned[0] is not model or warned[1] is not self.optimizer:
+            self._warned = (model, self.optimizer)
+            warn_untracked(model, optimizers, window_params(optimizers))
 
     def _step(self, state: AccumState, window: Any, model: nn.Module) -> None:
         """Run a closed window's checked step; keep the state to continue from either way."""
@@ -366,10 +249,6 @@ class GradientAccumulator:
         if model is not None:
             check_model(model, hint="")
             self._model = model
-            self._checked_model = _NO_MODEL
-        if self._state.closed:  # a step that could not run after its backward
-            self._step_pending()
-            return True
         if self._model is None:
             if self._state.is_accumulating:  # e.g. resumed from a file, no micro-step since
                 raise CallOrderError(
@@ -396,9 +275,7 @@ class GradientAccumulator:
         micro-batches are counted in ``state.dropped_micro_steps`` and a warning is issued.
         Pass ``is_final_batch=True`` on the last micro-batch to apply them instead.
         """
-        if self._state.closed:  # a step that could not run after its backward: apply it
-            self._step_pending()
-        self._state = reset_epoch(self._state, self._optimizer, self._model)
+        self._state = reset_epoch(self._state, self.optimizer, self._model)
 
     # -- what it reports ----------------------------------------------------------------------
     @property
@@ -454,7 +331,7 @@ class GradientAccumulator:
 
         Loadable with ``torch.load(weights_only=True)``.
         """
-        return _checkpoint.capture(self.state, self.optimizer, self.scaler)
+        return checkpoint.capture(self.state, self.optimizer, self.scaler)
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], *, allow_config_change: bool = False
@@ -465,7 +342,7 @@ class GradientAccumulator:
         ``allow_config_change=True`` and it was taken at a window boundary. Under DDP, call
         ``prepare(model)`` after loading, before the first forward.
         """
-        self._state = _checkpoint.restore(
+        self._state = checkpoint.restore(
             state_dict,
             self._state,
             self.optimizer,
@@ -473,7 +350,6 @@ class GradientAccumulator:
             allow_config_change=allow_config_change,
         )
         self._norm = None
-        self._settled = None  # the schedule may have changed: check before the next backward
 
     # -- from a config file ---------------------------------------------------------------------
     @classmethod
@@ -491,19 +367,10 @@ class GradientAccumulator:
         The learning rate is not touched: build ``optimizer`` with
         ``config.scaled_learning_rate``.
         """
-        from .config import AccumulationConfig
-
         if not isinstance(config, AccumulationConfig):
             raise ConfigError(
                 f"config must be an AccumulationConfig, got {type(config).__name__}; build it "
                 f"with AccumulationConfig.from_yaml(path) or AccumulationConfig.from_mapping(d)."
             )
-        kwargs = config.init_kwargs()
-        return cls(
-            optimizer,
-            kwargs.pop("steps"),
-            scaler=scaler,
-            trainer=trainer,
-            scheduler=scheduler,
-            **kwargs,
-        )
+        kwargs = {**config.init_kwargs(), "scaler": scaler, "scheduler": scheduler}
+        return cls(optimizer, kwargs.pop("steps"), trainer=trainer, **kwargs)

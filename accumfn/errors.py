@@ -1,8 +1,14 @@
-"""Exceptions raised by accumfn. Each message names the problem and the fix."""
+"""Exceptions raised by accumfn. Each message names the problem and the fix.
+
+Beside them, what every layer uses to raise or warn: the install hint of an optional
+integration (``raise_missing``) and the ``stacklevel`` that points a warning at the user's
+code (``caller_level``).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import inspect
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from .core import AccumState
@@ -72,3 +78,32 @@ class StepError(AccumError, RuntimeError):
 
 class MissingDependencyError(AccumError, ModuleNotFoundError):
     """An optional package a feature needs is not installed; the message names the extra."""
+
+
+def install_hint(package: str, extra: str, feature: str) -> str:
+    """``"<feature> needs <package>, which is not installed: pip install 'accumfn[<extra>]'"``."""
+    return f"{feature} needs {package}, which is not installed: pip install 'accumfn[{extra}]'"
+
+
+def raise_missing(
+    error: ImportError, package: str, extra: str, feature: str, otherwise: str = ""
+) -> NoReturn:
+    """Turn ``error`` into a ``MissingDependencyError`` if ``package`` itself is missing.
+
+    Any other import failure (a package that is installed but broken, or a missing package
+    of its own) is raised unchanged, since installing the extra would not fix it.
+    """
+    missing = (getattr(error, "name", None) or "").split(".")[0]
+    if missing != package:
+        raise error
+    hint = install_hint(package, extra, feature)
+    raise MissingDependencyError(f"{hint}{'; ' + otherwise if otherwise else ''}.") from error
+
+
+def caller_level() -> int:
+    """``stacklevel`` of the first frame outside accumfn, as seen from ``warnings.warn``."""
+    here = inspect.currentframe()
+    level, frame = 1, None if here is None else here.f_back  # the frame calling warn
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("accumfn"):
+        level, frame = level + 1, frame.f_back
+    return level

@@ -30,7 +30,7 @@ TIMED: dict[str, list[str]] = {
     "mlp": [*ACCUMFN, "accumfn_apply_step", *PEERS],
     "linears50": ACCUMFN,
     **{f"tensors{n}": ACCUMFN for n in SWEEP},
-    "mlp_noclip": ACCUMFN,
+    "mlp_noclip": [*ACCUMFN, "plain", "accumulator_steps1"],
     "transformer": [*ACCUMFN, *PEERS],
 }
 """Workloads timed, and the loops timed beside ``hand`` and ``hand_control`` on each."""
@@ -50,6 +50,7 @@ PAIRS = [
     ("accumulator", "hand"),
     ("accumfn_apply_step", "hand"),
     ("accumulator", "accumfn"),
+    ("accumulator_steps1", "plain"),
     ("accumfn", "accelerate"),
     ("accumfn", "lightning"),
 ]

@@ -92,6 +92,18 @@ def accumulator_step(
     return step
 
 
+def accumulator_steps1_step(
+    workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> MicroStep:
+    """``GradientAccumulator(optimizer, 1, max_grad_norm=None)``: every micro-step a window."""
+    accumulator = accumfn.GradientAccumulator(optimizer, 1, max_grad_norm=None)
+
+    def step(index: int, batch: Batch, last: bool) -> None:
+        accumulator.accumulate(workload.loss(model, batch), model, is_final_batch=last)
+
+    return step
+
+
 _ACCELERATOR: Any = None
 
 
@@ -143,6 +155,8 @@ LOOPS: dict[str, Callable[[Workload, nn.Module, torch.optim.Optimizer], MicroSte
     "accumfn": functional_step,
     "accumfn_apply_step": apply_step_step,
     "accumulator": accumulator_step,
+    "plain": large_batch_step,  # on micro-batches: no accumulation, a step each
+    "accumulator_steps1": accumulator_steps1_step,
     "accelerate": accelerate_step,
     "large_batch": large_batch_step,
 }

@@ -12,6 +12,9 @@ LABELS = {
     "accumulator-hand": "`GradientAccumulator` - hand",
     "accumfn_apply_step-hand": "accumfn with `apply_step` (reads the norm) - hand",
     "accumulator-accumfn": "`GradientAccumulator` - accumfn functional",
+    "accumulator_steps1-plain": (
+        "`GradientAccumulator(opt, 1, max_grad_norm=None)` - plain backward/step/zero_grad"
+    ),
     "accumfn-accelerate": "accumfn - Accelerate `accumulate`",
     "accumfn-lightning": "accumfn - Lightning `accumulate_grad_batches`",
 }

@@ -19,6 +19,7 @@ _ROWS = [
     ("accumfn-hand", "accumfn"),
     ("accumulator-hand", "`GradientAccumulator`"),
     ("accumulator-accumfn", "`GradientAccumulator` - accumfn"),
+    ("accumulator_steps1-plain", "`GradientAccumulator`, window 1 - plain loop"),
     ("accumfn-accelerate", "accumfn - Accelerate"),
     ("accumfn-lightning", "accumfn - Lightning"),
 ]

@@ -1,5 +1,5 @@
-"""``GradientAccumulator``'s step settings: checked before a boundary's backward whenever
-they may fail, and a check that still fails after it keeps the window to step later."""
+"""``GradientAccumulator``'s step settings: checked before every boundary's backward, so a
+setting that would make the step fail is refused with nothing changed."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from accumfn import GradientAccumulator
-from accumfn.errors import CallOrderError, ConfigError
+from accumfn.errors import ConfigError
 
 from .support import data, max_param_diff, mlp, mse, same, twin
 
@@ -124,71 +124,31 @@ def test_a_list_of_schedulers_changed_in_place_is_checked_before_the_backward() 
     assert same(_snapshot(acc, model), before)
 
 
-def _pending(
-    seed: int, windows: list[tuple[torch.Tensor, torch.Tensor]]
-) -> tuple[nn.Module, nn.Module, Any, GradientAccumulator, ConfigError]:
-    """An accumulator whose second window's step failed after its backward: its StepLR's
-    ``step`` was replaced, after the checks passed, by one that needs an argument (the
-    class's ``step`` is back on return). Returns the model, its large-batch reference, the
-    scheduler, the accumulator and the error."""
-    model = mlp(seed)
+def test_a_scheduler_changed_in_place_is_checked_before_the_backward() -> None:
+    """The step's checks passed with this scheduler; its ``step`` is then replaced in place
+    by one that needs an argument, which no assignment reveals. Every boundary runs the
+    checks before its backward, so the next one refuses it and changes nothing; with the
+    class's ``step`` back, the same loss goes through and training matches the large batch."""
+    windows = _windows(3)
+    model = mlp(5)
     reference = _reference(twin(model), windows, with_scheduler=True)
     optimizer = _sgd(model)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
     acc = GradientAccumulator(optimizer, STEPS, max_grad_norm=CLIP, scheduler=scheduler)
-    for x, y in _micro(windows[0]) + _micro(windows[1])[:-1]:
+    micro = [m for window in windows for m in _micro(window)]
+    for x, y in micro[: 2 * STEPS - 1]:
         acc.accumulate(mse(model, x, y), model)
     scheduler.step = lambda metrics: None  # type: ignore[assignment,method-assign,misc]
-    with pytest.raises(ConfigError, match="needs metrics") as failed:
-        acc.accumulate(mse(model, *_micro(windows[1])[-1]), model)
-    del scheduler.step  # the class's step again
-    return model, reference, scheduler, acc, failed.value
-
-
-@pytest.mark.parametrize("resume", ["flush", "reset_epoch"])
-def test_a_check_failing_after_the_backward_keeps_the_window_to_step_later(resume: str) -> None:
-    """The step's checks passed with this scheduler; its ``step`` is then replaced in place
-    by one that needs an argument, which no assignment reveals. The boundary's backward has
-    run when the check fails: the window stays closed with its gradients, ``accumulate``
-    refuses the next loss (computed before that step) and changes nothing, and once the
-    scheduler is mended ``flush`` or ``reset_epoch`` steps the window as one large batch."""
-    windows = _windows(3)
-    model, reference, scheduler, acc, failed = _pending(5, windows)
-    assert "call accumulator.flush()" in "\n".join(getattr(failed, "__notes__", []))
-    assert acc.state.closed and acc.state.optimizer_steps == 1
+    loss = mse(model, *micro[2 * STEPS - 1])
     before = _snapshot(acc, model)
-    for _ in range(2):  # every call, not only the first
-        with pytest.raises(CallOrderError, match=r"call accumulator\.flush\(\)"):
-            acc.accumulate(mse(model, *_micro(windows[2])[0]), model)
+    with pytest.raises(ConfigError, match="needs metrics"):
+        acc.accumulate(loss, model)
     assert same(_snapshot(acc, model), before)
-    if resume == "flush":
-        assert acc.flush() is True
-    else:
-        acc.reset_epoch()
-        assert acc.state.epoch == 1 and acc.state.dropped_micro_steps == 0
-    assert acc.state.optimizer_steps == 2 and not acc.state.closed
-    for x, y in _micro(windows[2]):
+    del scheduler.step  # the class's step again
+    assert acc.accumulate(loss, model) is True
+    for x, y in micro[2 * STEPS :]:
         acc.accumulate(mse(model, x, y), model)
-    assert acc.state.optimizer_steps == 3
-    assert scheduler.last_epoch == 3
-    assert max_param_diff(model, reference) < 1e-6
-
-
-def test_a_window_waiting_for_its_step_survives_a_checkpoint() -> None:
-    """A window whose step failed after its backward, saved and loaded into a new
-    accumulator: ``flush()`` asks for the model, ``flush(model)`` steps it exactly."""
-    model, reference, scheduler, acc, _ = _pending(6, _windows(2))
-    saved = acc.state_dict()
-    for param in model.parameters():
-        param.grad = None
-    resumed = GradientAccumulator(acc.optimizer, STEPS, max_grad_norm=CLIP, scheduler=scheduler)
-    resumed.load_state_dict(saved)
-    before = _snapshot(resumed, model)
-    with pytest.raises(CallOrderError, match=r"flush\(model\)"):
-        resumed.flush()
-    assert same(_snapshot(resumed, model), before)
-    assert resumed.flush(model) is True
-    assert resumed.state.optimizer_steps == 2 and scheduler.last_epoch == 2
+    assert acc.state.optimizer_steps == 3 and scheduler.last_epoch == 3
     assert max_param_diff(model, reference) < 1e-6
 
 
@@ -225,7 +185,6 @@ def test_an_accumulator_pickled_between_windows_resumes_exactly() -> None:
     for x, y in micro[:STEPS]:
         acc.accumulate(mse(model, x, y), model)
     model, acc = pickle.loads(pickle.dumps((model, acc)))
-    assert acc._settled is None
     for x, y in micro[STEPS:]:
         acc.accumulate(mse(model, x, y), model)
     assert acc.state.optimizer_steps == 2

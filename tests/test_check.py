@@ -18,8 +18,8 @@ import attrs
 import pytest
 
 import accumfn
+from accumfn import checkpoint as _checkpoint
 from accumfn import core
-from accumfn.checkpoint import _capture as _checkpoint
 from accumfn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -23,9 +23,6 @@ from ..core import AccumState
 from ..errors import CheckpointError, ConfigError
 from ..grads import optimizer_params
 from ._capture import capture, restore
-
-if TYPE_CHECKING:
-    from ..accumulator import GradientAccumulator
 
 __all__ = ["DistributedState", "StateHolder", "distributed_state"]
 
@@ -43,6 +40,17 @@ class StateHolder:
     scaler: GradScaler | None = None
 
 
+@runtime_checkable
+class Accumulator(Protocol):
+    """What this module uses of a ``GradientAccumulator`` (the layer above: not imported)."""
+
+    optimizer: Any
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None: ...
+    def prepare(self, model: nn.Module) -> None: ...
+
+
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -52,10 +60,8 @@ def _rank_and_world() -> tuple[int, int]:
 class DistributedState:
     """``Stateful`` view of an accumulator (or a ``StateHolder``) and its model."""
 
-    def __init__(self, target: GradientAccumulator | StateHolder, model: nn.Module) -> None:
-        from ..accumulator import GradientAccumulator
-
-        if not isinstance(target, GradientAccumulator | StateHolder):
+    def __init__(self, target: Accumulator | StateHolder, model: nn.Module) -> None:
+        if not isinstance(target, Accumulator | StateHolder):
             raise ConfigError(
                 f"distributed_state needs a GradientAccumulator or an "
                 f"accumfn.checkpoint.StateHolder(state, optimizer, scaler), got "
@@ -131,9 +137,7 @@ class DistributedState:
             target.prepare(self.model)
 
 
-def distributed_state(
-    target: GradientAccumulator | StateHolder, model: nn.Module
-) -> DistributedState:
+def distributed_state(target: Accumulator | StateHolder, model: nn.Module) -> DistributedState:
     """The accumulator (or a ``StateHolder``) as a ``torch.distributed.checkpoint`` Stateful.
 
     ``dcp.save({"model": ..., "optim": ..., "accum": distributed_state(acc, model)}, ...)``

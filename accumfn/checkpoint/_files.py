@@ -29,18 +29,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, CheckpointNotFoundError
-from ._capture import capture, restore
-from ._dcp import DistributedState, StateHolder, distributed_state
 
-__all__ = [
-    "DistributedState",
-    "StateHolder",
-    "capture",
-    "distributed_state",
-    "load_checkpoint",
-    "restore",
-    "save_checkpoint",
-]
+__all__ = ["PathLike", "load_checkpoint", "save_checkpoint"]
 
 PathLike = str | os.PathLike[str]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from ..core._checks import check_choice, check_count, check_positive_float
+from ..core import check_choice, check_count, check_positive_float
 from ..errors import ConfigError
 from ._settings import AccumulationConfig
 from .lr import LR_RULES, lr_factor

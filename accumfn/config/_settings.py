@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from ..core._checks import check_choice, check_count, check_positive_float, closest
-from ..core._schedule import ByEpoch, Constant
+from ..core import ByEpoch, Constant, check_choice, check_count, check_positive_float, closest
 from ..errors import ConfigError, MissingDependencyError
 from .lr import LR_RULES, LRRule, lr_factor
 

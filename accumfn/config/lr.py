@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Final, Literal, TypeAlias
 
-from ..core._checks import check_choice, check_count, check_positive_float
+from ..core import check_choice, check_count, check_positive_float
 
 __all__ = ["LR_RULES", "LRRule", "scale_lr"]
 

@@ -6,7 +6,7 @@ import math
 
 import attrs
 
-from ..core._checks import check_count
+from ..core import check_count
 
 __all__ = ["WindowPlan", "format_plan", "plan_window"]
 

@@ -1,4 +1,8 @@
-"""The pure core: frozen records and the transitions that decide every step. No torch."""
+"""The pure core: frozen records and the transitions that decide every step. No torch.
+
+The argument checks (``check_count``, ...) are shared with the layers above, so that every
+layer says the same thing about the same mistake.
+"""
 
 from ._agree import (
     CLOSE,
@@ -19,6 +23,10 @@ from ._agree import (
     window_header,
     window_view,
 )
+from ._checks import check_choice as check_choice
+from ._checks import check_count as check_count
+from ._checks import check_positive_float as check_positive_float
+from ._checks import closest as closest
 from ._schedule import ByEpoch, ByStep, Constant, Schedule, StepsSpec, schedule_from
 from ._serialize import FORMAT
 from ._state import AccumConfig, AccumState, MicroPlan, Normalization

@@ -22,8 +22,14 @@ def trainer_accumulation(trainer: object) -> int | None:
 
 
 def check_conflict(accumulation_steps: object, trainer: object) -> None:
-    """Raise when manual accumulation and the trainer's would both run."""
+    """Raise when manual accumulation and the trainer's would both run, or when ``trainer``
+    (None: no trainer) has no int ``accumulate_grad_batches``."""
     lightning_steps = trainer_accumulation(trainer)
+    if trainer is not None and lightning_steps is None:
+        raise ConfigError(
+            f"trainer {type(trainer).__name__} has no int accumulate_grad_batches: pass a "
+            f"Lightning Trainer, or trainer=None for manual accumulation."
+        )
     manual_steps = accumulation_steps if isinstance(accumulation_steps, int) else None
     if lightning_steps is None or lightning_steps <= 1:
         return

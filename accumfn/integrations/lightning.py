@@ -16,10 +16,8 @@ from typing import Any
 import torch
 
 from .. import core
-from .._optional import raise_missing
-from ..core import AccumState, Normalization
-from ..core._checks import check_count
-from ..errors import CallOrderError, ConfigError
+from ..core import AccumState, Normalization, check_count
+from ..errors import CallOrderError, ConfigError, raise_missing
 from ..grads import optimizer_params, scale_grads_
 
 try:

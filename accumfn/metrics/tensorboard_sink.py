@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .._optional import raise_missing
+from ..errors import raise_missing
 
 __all__ = ["TensorBoardSink"]
 

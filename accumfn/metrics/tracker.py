@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..core._checks import check_count
+from ..core import check_count
 from ..errors import AccumError, CallOrderError, ConfigError
 from ._values import Reduce, ScalarBuffer, Value, check_reduce, check_value, materialize
 from .sinks import JsonlSink, Sink

@@ -8,8 +8,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from .._optional import raise_missing
-from ..errors import MissingDependencyError
+from ..errors import MissingDependencyError, raise_missing
 
 __all__ = ["MissingDependencyError", "WandbSink", "import_wandb"]
 

@@ -26,9 +26,8 @@ from torch.amp import GradScaler
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import core
-from ..errors import ConfigError, RankMismatchError
+from ..errors import ConfigError, RankMismatchError, caller_level
 from ..grads import buffers
-from ..step._window import _caller_level
 from ._refused import check_steerable, fsdp_class
 
 __all__ = [
@@ -306,7 +305,7 @@ class DataParallel:
             f"exactly, without DDP's communication hook ({names}); full windows keep the "
             f"hook. Close windows at their planned size, or use sync_every_micro_step=True, "
             f"to run every reduction through it.",
-            stacklevel=_caller_level(),
+            stacklevel=caller_level(),
         )
 
     def mean_reduce_grads_(self, wide: torch.dtype | None = None) -> None:

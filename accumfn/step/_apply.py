@@ -14,8 +14,7 @@ from torch.amp import GradScaler
 
 from .. import core
 from .. import parallel as distributed
-from ..core import AccumState
-from ..core._checks import check_positive_float
+from ..core import AccumState, check_positive_float
 from ..errors import CallOrderError, ConfigError, StepError
 from ..grads import (
     WindowGrads,
@@ -128,7 +127,7 @@ class _Window(_Progress):
         schedulers: tuple[Callable[[], object], ...],
         scaler: GradScaler | None,
         next_window: int,
-        params: ParamSet,
+        params: ParamSet | None,
         prepared_early: bool,
         before_step: Callable[[Optimizers], object] | None = None,
         clip_value: float | None = None,
@@ -210,11 +209,14 @@ def prepare_step(
         check_reduced(model, optimizers)
     assert isinstance(model, nn.Module)
     core.check_step_scaler(state, enabled(scaler) is not None)  # type: ignore[arg-type]
-    params = param_set(optimizers)
-    check_fp16_with_scaler(params.params, scaler, grads=True)  # type: ignore[arg-type]
-    claim_scaler(scaler, optimizers)  # type: ignore[arg-type]
+    params = None  # resolved here only when a check needs it; else where the step does
+    if scaler is not None or len(optimizers) > 1 or (warn and not warned):
+        params = param_set(optimizers)  # (two optimizers sharing a parameter: ConfigError)
+        check_fp16_with_scaler(params.params, scaler, grads=True)  # type: ignore[arg-type]
+        claim_scaler(scaler, optimizers)  # type: ignore[arg-type]
     next_window = core.window_after(state)
     if warn and not warned:  # after the boundary's backward: FSDP2 holds its params again
+        assert params is not None
         warn_untracked(model, optimizers, params.params)
     if scaler is None and not (remembered and (warned or not warn)):
         _checked = (weakref.ref(model), tuple(weakref.ref(o) for o in optimizers), warn or warned)
@@ -389,10 +391,12 @@ def _run(
     unscaled = [False] * len(window.optimizers)  # read only with a GradScaler
     check_finite = config.skip_nonfinite
     if scaler is not None or clips or check_finite or want_norm or rescale or hooks:
-        params = window.params
-        if window.prepared_early and not params.current(window.optimizers):
-            # A param group added since the check (in the boundary's backward): covered too.
-            params = param_set(window.optimizers)
+        checked = window.params
+        if checked is None or (window.prepared_early and not checked.current(window.optimizers)):
+            # Not needed by the checks, or a param group added since them (in the
+            # boundary's backward): resolved now, so it covers what the step steps.
+            checked = param_set(window.optimizers)
+        params = checked
         grads, has_grads = _window_grads(params)
         unscaled = has_grads
         if scaler is not None:
@@ -450,6 +454,8 @@ def _hand_back_wide(state: AccumState, window: _Window, model: nn.Module) -> Non
     unscaled (left as they are, as without ``accum_dtype``). The window's parameters
     outside the model are summed in the wide dtype from the next window on."""
     inner = distributed.strategy(model).model
+    if window.params is None:
+        window.params = param_set(window.optimizers)
     params = window.params.params
     buffers.cover(inner, params)
     buffers.restore_(params, state.grad_scale)

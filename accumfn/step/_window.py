@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.amp import GradScaler
 
-from ..errors import ConfigError
+from ..errors import ConfigError, caller_level
 from ..grads import optimizer_params
 
 __all__ = [
@@ -333,14 +333,5 @@ def warn_untracked(
         f"keep accumulating: zero them before an optimizer takes them over). Freeze them "
         f"with requires_grad_(False) (e.g. backbone.requires_grad_(False)), or pass their "
         f"optimizer too: optimizer=[opt_a, opt_b].",
-        stacklevel=_caller_level(),
+        stacklevel=caller_level(),
     )
-
-
-def _caller_level() -> int:
-    """``stacklevel`` of the first frame outside accumfn, as seen from ``warnings.warn``."""
-    here = inspect.currentframe()
-    level, frame = 1, None if here is None else here.f_back  # the frame calling warn
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("accumfn"):
-        level, frame = level + 1, frame.f_back
-    return level

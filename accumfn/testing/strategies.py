@@ -9,7 +9,7 @@ import itertools
 
 import attrs
 
-from .._optional import raise_missing
+from ..errors import raise_missing
 from ._equivalence import plan_windows
 
 try:

@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import torch
 
-from ..._optional import install_hint
+from ...errors import install_hint
 from ...metrics import JsonlSink, MetricsTracker, Sink, WandbSink
 from ._report import plot, verdict
 from ._runs import DemoSettings, StepRecord, regression_steps, token_steps
