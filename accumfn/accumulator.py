@@ -339,17 +339,24 @@ class GradientAccumulator:
         """Restore from ``state_dict()``. Checked whole before anything changes.
 
         A checkpoint saved under another accumulation config is refused, unless
-        ``allow_config_change=True`` and it was taken at a window boundary. Under DDP, call
-        ``prepare(model)`` after loading, before the first forward.
+        ``allow_config_change=True`` and it was taken at a window boundary. In a job of
+        several processes the ranks agree that they resume the same window: call it on
+        every rank, after ``prepare(model)`` when the model's ranks are not the whole job
+        (otherwise every process of the job takes part). Under DDP, call ``prepare(model)``
+        before the first forward (after loading, or before: it is then called again).
         """
+        model = self._model
         self._state = checkpoint.restore(
             state_dict,
             self._state,
             self.optimizer,
             self.scaler,
             allow_config_change=allow_config_change,
+            model=model,
         )
         self._norm = None
+        if model is not None:
+            prepare_forward(self._state, model)
 
     # -- from a config file ---------------------------------------------------------------------
     @classmethod

@@ -358,3 +358,122 @@ def test_world_size_change_resumes_at_a_boundary_and_refuses_inside_a_window(
         assert result["type"] == "CheckpointError", result
         assert "taken inside a window" in result["message"]
         assert "in a job of the same size" in result["message"]
+
+
+# -- per-rank windows in item mode, per-model failures, groups of the model ------------------
+
+PER_RANK = [[3] * 3, [2] * 3]  # rank 0 splits its batch into 3 micro-batches, rank 1 into 2
+
+
+def _item_batches(rank: int) -> list[Any]:
+    return [b for w in ranked_data(SEED, PER_RANK, ragged=True)[rank] for b in w]
+
+
+def _item_train(rank: int, world: int, ckdir: str, counts: list[int] | None) -> dict[str, Any]:
+    """Item mode, each rank its own window; save every micro-step, or resume from
+    ``counts[rank]``; train to the end."""
+    module, opt, acc = _build(PER_RANK[rank][0])
+    if counts is not None:
+        ckpt = load_checkpoint(Path(ckdir) / f"rank{rank}-{counts[rank]}.pt")
+        module.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optim"])
+    model = DistributedDataParallel(module)
+    acc.prepare(model)
+    if counts is not None:
+        acc.load_state_dict(ckpt["accum"])
+    for count, batch in enumerate(_item_batches(rank), start=1):
+        if counts is not None and count <= counts[rank]:
+            continue
+        acc.accumulate(token_loss(model, batch, "sum"), model, num_items=items(batch))
+        if counts is None:
+            _save(ckdir, rank, count, module, opt, acc)
+    return {"params": _params(model)}
+
+
+def test_item_mode_resumes_each_rank_at_its_own_micro_step(tmp_path: Path) -> None:
+    """Rank 0 at micro-step 2 of its 3, rank 1 at 1 of its 2, both inside the second window:
+    a resume the ranks agree on (the same window), exact against the large batch."""
+    ckdir = str(tmp_path)
+    run_ranks(_item_train, ckdir, None, timeout=120)
+    reference = _reference(ranked_data(SEED, PER_RANK, ragged=True))
+    for result in run_ranks(_item_train, ckdir, [5, 3], timeout=120):
+        for got, want in zip(result["params"], reference, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _aux_failure(rank: int, world: int) -> dict[str, Any]:
+    """A DDP model, and beside it a small model each rank trains alone, whose step fails
+    on rank 1 only: the DDP model's ranks agree and go on."""
+
+    def fail_on_rank1(optimizer: object) -> None:
+        if rank == 1:
+            raise OSError("the side model's logger failed")
+
+    module, _, acc = _build()
+    model = DistributedDataParallel(module)
+    acc.prepare(model)
+    side = token_model(7)
+    side_acc = accumfn.GradientAccumulator(
+        sgd(side), 1, max_grad_norm=None, before_step=fail_on_rank1
+    )
+    errors = 0
+    for w, window in enumerate(_data()[rank]):
+        for batch in window:
+            acc.accumulate(token_loss(model, batch, "mean"), model)
+        if w == 0:
+            try:
+                side_acc.accumulate(token_loss(side, batch, "mean"), side)
+            except StepError:
+                errors += 1
+    return {"params": _params(model), "errors": errors}
+
+
+def test_a_failed_step_of_another_model_does_not_stop_this_one() -> None:
+    results = run_ranks(_aux_failure, timeout=120)
+    assert [r["errors"] for r in results] == [0, 1]
+    reference = _reference(_data())
+    for result in results:
+        for got, want in zip(result["params"], reference, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _ensemble(rank: int, world: int) -> dict[str, Any]:
+    """Each rank trains a plain model of its own (no wrapper), rank 1 one window more, and
+    reloads its own boundary checkpoint after prepare(model): nothing to agree on."""
+    module, _, acc = _build(2)
+    batches = [b for w in _data(windows=2 + rank)[rank] for b in w][: 2 * (2 + rank)]
+    for batch in batches:
+        acc.accumulate(token_loss(module, batch, "mean"), module)
+    saved = acc.state_dict()
+    fresh = _build(2)[2]
+    fresh.prepare(module)
+    fresh.load_state_dict(saved)
+    return {"steps": fresh.stats.optimizer_steps}
+
+
+def test_ranks_training_models_of_their_own_load_apart() -> None:
+    assert [r["steps"] for r in run_ranks(_ensemble, timeout=120)] == [2, 3]
+
+
+def _fsdp_replicate(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    module = token_model(0)
+    replicate(module)
+    opt = sgd(module)
+    acc = accumfn.GradientAccumulator(opt, WINDOW, max_grad_norm=None)
+    acc.prepare(module)
+    for window in _data()[rank]:
+        for batch in window:
+            acc.accumulate(token_loss(module, batch, "mean"), module)
+    from ._dist_utils import full_params
+
+    return {"params": [p.double() for p in full_params(module)]}
+
+
+def test_fsdp2_based_replicate_finds_its_group_and_is_exact() -> None:
+    pytest.importorskip("torch.distributed._composable.replicate_with_fsdp")
+    reference = _reference(_data())
+    for result in run_ranks(_fsdp_replicate, timeout=150):
+        for got, want in zip(result["params"], reference, strict=True):
+            torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-6)

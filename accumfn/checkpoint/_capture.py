@@ -13,15 +13,16 @@ from typing import Any
 import attrs
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.amp import GradScaler
 
 from .. import core
 from ..core import AccumState, ByStep
 from ..errors import CheckpointError, ConfigError, StateFormatError
 from ..grads import buffers, optimizer_params, zero_grads_
-from ..parallel import clear_failures, device_for, exchange
+from ..parallel import clear_failures, device_for, exchange, strategy
 
-__all__ = ["capture", "restore"]
+__all__ = ["agreeing_groups", "capture", "refuse_together", "restore"]
 
 _KEYS = frozenset({"accumfn", "partial_grads", "scaler", "rank"})
 _KEYS_V1 = _KEYS - {"rank"}  # checkpoints of accumfn 0.1, saved on one process
@@ -274,6 +275,7 @@ def restore(
     scaler: GradScaler | None = None,
     *,
     allow_config_change: bool = False,
+    model: nn.Module | None = None,
 ) -> AccumState:
     """Restore a ``capture`` dict; return the state to continue from.
 
@@ -283,21 +285,27 @@ def restore(
     ``state``'s config. Everything is checked before anything changes; then the scaler
     state is loaded, the gradients are zeroed and the open window's gradients are put back.
     Load the model and optimizer state dicts too (before or after, in any order).
+
+    In a job of several processes the ranks that train ``model`` together agree that they
+    resume the same window (``_check_ranks``): every one of them must call ``restore``.
+    ``model`` (as passed to ``accumulate``) names them: its data-parallel group; a model
+    no wrapper reduces is checked alone. Without it, every process of the job.
     """
     if not isinstance(allow_config_change, bool):
         raise ConfigError(
             f"allow_config_change must be True or False, got {allow_config_change!r}."
         )
+    groups = agreeing_groups(model)
     try:
         raw, saved = _parse(data, state)
         resumed = _resolve_config(raw, saved, state, allow_config_change)
         scaler_state = _check_scaler(data["scaler"], resumed, scaler, allow_config_change)
         pairs = _check_grads(data["partial_grads"], resumed, optimizer)
         saved_by = _saved_by(data.get("rank"))
-    except CheckpointError:
-        _refuse_together(state)  # the other ranks learn it in the same exchange
+    except Exception:
+        refuse_together(state, groups)  # the other ranks learn it in the same exchange
         raise
-    _check_ranks(saved_by, resumed, scaler_state)
+    _check_ranks(saved_by, resumed, scaler_state, groups)
     if scaler is not None and scaler_state is not None:
         scaler.load_state_dict(dict(scaler_state))
         if pairs:
@@ -311,7 +319,7 @@ def restore(
             buffers.put(param, grad.to(device=param.device, copy=True))
         else:
             param.grad = _as_grad_of(param, grad)
-    clear_failures()  # every rank resumed from the same step
+    clear_failures(model)  # every rank resumed from the same step
     return resumed
 
 
@@ -350,39 +358,45 @@ def _scale_of(scaler_state: Mapping[str, Any] | None) -> int:
     return 0 if scaler_state is None else core.float_bits(float(scaler_state["scale"]))
 
 
+def agreeing_groups(model: nn.Module | None) -> list[dist.ProcessGroup | None] | None:
+    """The process groups whose ranks must resume together: ``model``'s data-parallel
+    groups (None for a model no wrapper reduces), or the whole job without a model (None on
+    one process)."""
+    if model is not None:
+        parallel = strategy(model)
+        return list(parallel.groups) if parallel.distributed else None
+    return [None] if _rank() is not None else None
+
+
 def _check_ranks(
     saved_by: tuple[int, int] | None,
     resumed: AccumState,
     scaler_state: Mapping[str, Any] | None,
+    groups: list[dist.ProcessGroup | None] | None,
 ) -> None:
     """Refuse, on every rank alike, states the ranks cannot resume together.
 
-    In a job of several processes every rank that loads sends its view (step, epoch,
-    micro-step, scale, who took its mid-window checkpoint) in one all-gather, boundary or
-    not, and every rank decides from all of them (``core.agree_resume``): ranks resumed
-    from different steps, a mid-window checkpoint of another rank or job size, or a rank
-    whose checkpoint was refused raise ``CheckpointError`` on every rank. On one process
-    only who took a mid-window checkpoint is checked.
+    The ranks of ``groups`` each send their view (step, epoch, micro-step, scale, who took
+    their mid-window checkpoint) in one all-gather, boundary or not, and every rank decides
+    from all of them (``core.agree_resume``): ranks resumed from different steps, a
+    mid-window checkpoint of another rank or job size, or a rank whose checkpoint was
+    refused raise ``CheckpointError`` on every rank. Without groups only who took a
+    mid-window checkpoint is checked.
     """
-    here = _rank()
-    if here is None:
-        view = core.resume_view(resumed, rank=0, saved_by=saved_by)
-        core.agree_resume([view], 1)
-        return
-    view = core.resume_view(
-        resumed, rank=here["rank"], saved_by=saved_by, scale=_scale_of(scaler_state)
-    )
-    core.agree_resume(_exchange(view), here["world_size"])
+    here = _rank() or {"rank": 0, "world_size": 1}
+    scale = _scale_of(scaler_state)
+    view = core.resume_view(resumed, rank=here["rank"], saved_by=saved_by, scale=scale)
+    views = [view] if groups is None else _exchange(view, groups)
+    core.agree_resume(views, here["world_size"])
 
 
-def _refuse_together(state: AccumState) -> None:
+def refuse_together(state: AccumState, groups: list[dist.ProcessGroup | None] | None) -> None:
     """This rank's checkpoint was refused: tell the other ranks, which raise too."""
-    here = _rank()
-    if here is not None:
-        view = core.resume_view(state, rank=here["rank"], saved_by=None, refused=True)
-        _exchange(view)
+    if groups is not None:
+        here = _rank() or {"rank": 0, "world_size": 1}
+        _exchange(core.resume_view(state, rank=here["rank"], saved_by=None, refused=True), groups)
 
 
-def _exchange(view: core.RankView) -> list[core.RankView]:
-    row = torch.tensor(view.to_row(), dtype=torch.int64, device=device_for(None))
-    return exchange(row, [None], "the checkpoints each rank loads")
+def _exchange(view: core.RankView, groups: list[dist.ProcessGroup | None]) -> list[core.RankView]:
+    row = torch.tensor(view.to_row(), dtype=torch.int64, device=device_for(groups[0]))
+    return exchange(row, groups, "the checkpoints each rank loads")

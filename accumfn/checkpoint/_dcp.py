@@ -19,10 +19,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.amp import GradScaler
 
-from ..core import AccumState
+from ..core import AccumState, init
 from ..errors import CheckpointError, ConfigError
 from ..grads import optimizer_params
-from ._capture import capture, restore
+from ._capture import agreeing_groups, capture, refuse_together, restore
 
 __all__ = ["DistributedState", "StateHolder", "distributed_state"]
 
@@ -99,7 +99,24 @@ class DistributedState:
         return {"world_size": world, f"rank{rank}": buffer.getvalue()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore this rank's entry (checked whole first, as ``restore`` does)."""
+        """Restore this rank's entry (checked whole first, as ``restore`` does); a rank
+        whose entry is refused tells the others, which raise too."""
+        try:
+            data = self._entry(state_dict)
+        except Exception:
+            refuse_together(init(), agreeing_groups(self.model))
+            raise
+        target = self.target
+        if isinstance(target, StateHolder):
+            target.state = restore(
+                data, target.state, target.optimizer, target.scaler, model=self.model
+            )
+        else:
+            target.prepare(self.model)  # it knows the model, whose ranks agree on the load
+            target.load_state_dict(data)
+
+    def _entry(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """This rank's ``capture`` dict from the loaded entries, gradients in its order."""
         rank, world = _rank_and_world()
         saved_world = state_dict.get("world_size")
         if saved_world != world:
@@ -129,12 +146,7 @@ class DistributedState:
                     f"from."
                 )
             data["partial_grads"] = [grads[name] for name in names]
-        target = self.target
-        if isinstance(target, StateHolder):
-            target.state = restore(data, target.state, target.optimizer, target.scaler)
-        else:
-            target.load_state_dict(data)
-            target.prepare(self.model)
+        return dict(data)
 
 
 def distributed_state(target: Accumulator | StateHolder, model: nn.Module) -> DistributedState:

@@ -385,7 +385,10 @@ def agree_resume(views: Sequence[RankView], world: int) -> None:
             f"(Nothing was loaded.)"
         )
     problem = identity_problem(views)
-    if problem is None and any(v.micro_steps != views[0].micro_steps for v in views):
+    # (in item mode each rank may split its batch its own way: then their counts differ)
+    same_windows = all(v.window == views[0].window for v in views)
+    apart = any(v.micro_steps != views[0].micro_steps for v in views)
+    if problem is None and same_windows and apart:
         problem = (
             f"{_by_value(views, 'at micro-step', 'micro_steps')} of the window: the ranks' "
             f"checkpoints were taken at different micro-steps; resume every rank from the "

@@ -37,7 +37,6 @@ __all__ = [
     "clear_failures",
     "device_for",
     "exchange",
-    "failures",
     "note_failure",
     "prepare",
     "set_forward_sync",
@@ -97,11 +96,15 @@ def _fsdp_groups(model: nn.Module) -> list[dist.ProcessGroup]:
         info = getattr(group, "mesh_info", None)
         if info is None:
             continue
-        groups = [info.shard_process_group]
-        replicate = getattr(info, "replicate_process_group", None)
-        if replicate is not None:
-            groups.append(replicate)
-        return groups
+        # FSDP2 shards over one dim; HSDP also replicates over another; FSDP2-based
+        # replicate has only the replicate dim
+        found = (
+            getattr(info, "shard_process_group", None),
+            getattr(info, "replicate_process_group", None),
+        )
+        groups = [dim for dim in found if dim is not None]
+        if groups:
+            return groups
     raise ConfigError(
         "cannot find the device mesh of this FSDP2 model (no fully_shard module holds "
         "parameters); pass process_group=... to prepare_forward/GradientAccumulator.prepare."
@@ -147,6 +150,9 @@ class DataParallel:
             self.world *= dist.get_world_size(group)
         self._armed = False
         self._hook_warned = False
+        self.failures = 0
+        """Window steps of this model that raised since it was built or last resumed."""
+        self.last_failure = ""
 
     @property
     def model(self) -> nn.Module:
@@ -255,7 +261,7 @@ class DataParallel:
         if not self.distributed:
             return core.agree([core.window_view(state, rank=0, final=final, reduces=reduces)])
         view = core.window_view(
-            state, rank=dist.get_rank(), final=final, reduces=reduces, failures=failures()
+            state, rank=dist.get_rank(), final=final, reduces=reduces, failures=self.failures
         )
         return self._decide(view, scaler, core.agree)
 
@@ -263,7 +269,7 @@ class DataParallel:
         """Exchange this rank's view of the window its first micro-step opens
         (``core.agree_at_open``); raises on every rank alike when they differ."""
         if self.distributed:
-            view = core.open_view(state, rank=dist.get_rank(), failures=failures())
+            view = core.open_view(state, rank=dist.get_rank(), failures=self.failures)
             self._decide(view, scaler, core.agree_open)
 
     def _decide(
@@ -282,7 +288,7 @@ class DataParallel:
             if len({v.failures for v in views}) == 1:
                 raise
             # A step failed on some ranks: say why (a second exchange, on the way to the error).
-            notes = gather_notes(str(_FAILURES[1]), self.groups)
+            notes = gather_notes(self.last_failure, self.groups)
             raise RankMismatchError(str(core.identity_problem(views, notes))) from exc
 
     def _warn_comm_hook(self) -> None:
@@ -439,26 +445,20 @@ def write_scale(row: torch.Tensor, scaler: GradScaler) -> None:
         column.fill_(core.float_bits(scaler.get_scale()))
 
 
-_FAILURES: list[Any] = [0, ""]
-"""Window steps that raised in this process since it started or last resumed, and the last
-one's message: every rank's header carries the count, so a step that failed on some ranks
-only stops every rank at the next window."""
+def note_failure(model: nn.Module, message: str) -> None:
+    """Record a window step of ``model`` that raised: the window header carries the count,
+    so a step that failed on some ranks only stops every rank at the next window."""
+    parallel = strategy(model)
+    parallel.failures += 1
+    parallel.last_failure = message
 
 
-def note_failure(message: str) -> None:
-    """Record a window step that raised (see ``_FAILURES``)."""
-    _FAILURES[0] += 1
-    _FAILURES[1] = message
-
-
-def clear_failures() -> None:
-    """Forget failed steps: every rank resumed from a checkpoint they agreed on."""
-    _FAILURES[0] = 0
-    _FAILURES[1] = ""
-
-
-def failures() -> int:
-    return int(_FAILURES[0])
+def clear_failures(model: nn.Module | None = None) -> None:
+    """Forget failed steps (of ``model``; of every model when None): the ranks resumed
+    from a checkpoint they agreed on."""
+    for parallel in [strategy(model)] if model is not None else list(_CACHE.values()):
+        parallel.failures = 0
+        parallel.last_failure = ""
 
 
 def _forward_hook(dp: DataParallel) -> Any:

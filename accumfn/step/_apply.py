@@ -496,7 +496,7 @@ def run_step(
             else ""
         )
         where = progress.where(window)
-        distributed.note_failure(f"{type(exc).__name__} in {where}: {exc}")
+        distributed.note_failure(model, f"{type(exc).__name__} in {where}: {exc}")
         raise StepError(
             f"the window's step failed in {where}: {type(exc).__name__}: {exc}. The "
             f"window was closed as {'applied' if applied else 'skipped'} (its gradients "
