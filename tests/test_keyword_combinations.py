@@ -247,12 +247,14 @@ def test_before_step_that_steps_the_optimizer_or_updates_the_scaler_is_refused(c
         opt, 2, max_grad_norm=None, scaler=scaler, before_step=before_step
     )
     before = _params(model)
+    scaler_before = scaler.state_dict()
     batches = _batches(2)
     acc.accumulate((model(batches[0][0]) - batches[0][1]).pow(2).mean(), model)
     with pytest.raises(StepError, match="before_step") as info:
         acc.accumulate((model(batches[1][0]) - batches[1][1]).pow(2).mean(), model)
     assert isinstance(info.value.__cause__, ConfigError)
     _close(_params(model), before, tol=0)  # nothing stepped
+    assert scaler.state_dict() == scaler_before  # scale and growth tracker as they were
     acc.before_step = None  # the next window works
     for x, y in _batches(2, seed=1):
         acc.accumulate((model(x) - y).pow(2).mean(), model)
@@ -289,3 +291,35 @@ def test_an_optimizer_holding_only_sparse_gradients_steps(clip: float | None, am
         ref_opt.zero_grad(set_to_none=True)
     assert acc.stats.optimizer_steps == 3
     _close(_params(model), _params(reference), tol=1e-6)
+
+
+@pytest.mark.parametrize("resume_at", [2, 6, 9])
+def test_accum_dtype_resumes_a_window_of_a_head_outside_the_model(resume_at: int) -> None:
+    """accum_dtype, accumulate(encoder), one optimizer over encoder and head; a checkpoint
+    inside window 1, 2 or 3 loaded into fresh objects (no model given to restore): the head's
+    wide buffer and the micro-steps after the resume are summed, as the large batch does."""
+    from accumfn.checkpoint import capture, restore
+
+    batches = _batches(12)
+
+    def build() -> tuple[EncoderHead, torch.optim.Optimizer, accumfn.AccumState]:
+        model = EncoderHead()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, opt, accumfn.init(4, accum_dtype=torch.float64)
+
+    model, opt, state = build()
+    for i, (x, y) in enumerate(batches):
+        if i == resume_at:
+            saved = copy.deepcopy(
+                {"m": model.state_dict(), "o": opt.state_dict(), "a": capture(state, opt)}
+            )
+            model, opt, state = build()
+            model.load_state_dict(saved["m"])
+            opt.load_state_dict(saved["o"])
+            state = restore(saved["a"], state, opt)
+        loss = (model(x) - y).pow(2).sum()
+        state, stepped = accumfn.accumulate(state, loss, model.encoder, num_items=len(x))
+        if stepped:
+            state = accumfn.apply_step(state, opt, model.encoder)
+    windows = [batches[i : i + 4] for i in (0, 4, 8)]
+    _close(_params(model), _large_batch(windows, True, torch.float32))

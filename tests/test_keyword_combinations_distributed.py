@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -70,33 +71,51 @@ def test_reset_epoch_under_fsdp2_without_the_model_is_refused() -> None:
         assert result["micro_step"] == 2  # the state was not changed
 
 
-def _head_outside(rank: int, world: int) -> dict[str, Any]:
+def _head_outside(rank: int, world: int, added: bool) -> dict[str, Any]:
+    """The optimizer holds a head outside the DDP model, from the start or added to it with
+    add_param_group after a window has stepped."""
     torch.manual_seed(0)
     body = token_model(0)
     head = nn.Linear(5, 5)
     model = DistributedDataParallel(body)
-    opt = torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.1)
+    held = [*body.parameters()] if added else [*body.parameters(), *head.parameters()]
+    opt = torch.optim.SGD(held, lr=0.1)
     acc = accumfn.GradientAccumulator(opt, 2, max_grad_norm=None)
     acc.prepare(model)
+    data = ranked_data(SEED, [[2, 2]] * world, ragged=False)[rank]
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = head(model(x))
+        return nn.functional.cross_entropy(logits.reshape(-1, 5), y.reshape(-1))
+
+    if added:
+        for x, y in data[0]:
+            acc.accumulate(loss_of(x, y), model)
+        opt.add_param_group({"params": list(head.parameters())})
     before = [p.detach().clone() for p in [*body.parameters(), *head.parameters()]]
-    batches = ranked_data(SEED, [[2]] * world, ragged=False)[rank][0]
+    steps = acc.stats.optimizer_steps
     try:
-        for x, y in batches:
-            logits = head(model(x))
-            loss = nn.functional.cross_entropy(logits.reshape(-1, 5), y.reshape(-1))
-            acc.accumulate(loss, model)
+        for x, y in data[1]:
+            acc.accumulate(loss_of(x, y), model)
     except ConfigError as exc:
         after = [p.detach().clone() for p in [*body.parameters(), *head.parameters()]]
         unchanged = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-        return {"error": str(exc), "unchanged": unchanged, "steps": acc.stats.optimizer_steps}
+        return {
+            "error": str(exc),
+            "unchanged": unchanged,
+            "new_steps": acc.stats.optimizer_steps - steps,
+        }
     return {"error": None}
 
 
-def test_an_optimizer_over_parameters_outside_the_ddp_model_is_refused_on_every_rank() -> None:
+@pytest.mark.parametrize("added", [False, True], ids=["from-the-start", "added-later"])
+def test_an_optimizer_over_parameters_outside_the_ddp_model_is_refused_on_every_rank(
+    added: bool,
+) -> None:
     """The head is outside the DDP: nothing would average its gradients over the ranks."""
-    for result in run_ranks(_head_outside, timeout=120):
+    for result in run_ranks(_head_outside, added, timeout=120):
         assert result["error"] is not None
         assert (
             "2 of the optimizer's 8 parameters are not parameters of the model" in (result["error"])
         )
-        assert result["unchanged"] and result["steps"] == 0
+        assert result["unchanged"] and result["new_steps"] == 0

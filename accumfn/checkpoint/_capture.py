@@ -314,6 +314,10 @@ def restore(
             scaler.scale(torch.zeros((), device=pairs[0][0].device))
     zero_grads_(optimizer)
     buffers.drop(optimizer_params(optimizer))
+    if model is not None and resumed.config.accum_dtype is not None:
+        # the optimizers' parameters outside the model are summed wide from the first
+        # micro-step on (without the model, from the next step on)
+        buffers.cover(strategy(model).model, optimizer_params(optimizer))
     for param, grad in pairs:
         if grad.dtype != param.dtype:  # an accum_dtype buffer
             buffers.put(param, grad.to(device=param.device, copy=True))

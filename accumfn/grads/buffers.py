@@ -84,6 +84,8 @@ def restore_(params: Iterable[torch.Tensor], factor: float) -> None:
     for param in params:
         buffer = take(param)
         if buffer is not None:
+            if param.grad is not None:  # micro-steps not stashed (a buffer put back by a
+                buffer.add_(param.grad)  # checkpoint, before a step made it known)
             param.grad = buffer.mul_(factor).to(param.dtype)
             continue
         grad = param.grad

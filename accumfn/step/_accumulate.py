@@ -152,15 +152,26 @@ def accumulate(
     if totals is None:
         parallel.set_forward_sync(core.sync_next_forward(new_state))
         return new_state, False
+    return _close_together(new_state, parallel, totals, fallback, wide), True
+
+
+def _close_together(
+    state: AccumState,
+    parallel: distributed.DataParallel,
+    totals: core.WindowTotals,
+    fallback: bool,
+    wide: torch.dtype | None,
+) -> AccumState:
+    """Close the window as the ranks agreed: the fallback reduction when no backward
+    reduced, then the rescale from the counts over all ranks."""
     if fallback:
         parallel.mean_reduce_grads_(wide)
-    new_state = core.close_window(
-        new_state,
+    return core.close_window(
+        state,
         global_items=totals.items,
         global_micro_steps=totals.micro_steps,
         averaged_over=parallel.world,
     )
-    return new_state, True
 
 
 def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
@@ -195,12 +206,4 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
             "out of accumfn's reach. Build the state with sync_every_micro_step=True, or pass "
             "is_final_batch=True on the last micro-batch."
         )
-    if fallback:
-        parallel.mean_reduce_grads_(_wide(state, parallel))
-    closed = core.close_window(
-        state,
-        global_items=totals.items,
-        global_micro_steps=totals.micro_steps,
-        averaged_over=parallel.world,
-    )
-    return closed, True
+    return _close_together(state, parallel, totals, fallback, _wide(state, parallel)), True

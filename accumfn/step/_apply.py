@@ -206,8 +206,8 @@ def prepare_step(
         assert scaler is None or isinstance(scaler, GradScaler)
         schedulers = as_schedulers(scheduler)
         check_steppable(optimizers)
-        check_reduced(model, optimizers)
     assert isinstance(model, nn.Module)
+    check_reduced(model, optimizers)  # every window: a param group may have been added
     core.check_step_scaler(state, enabled(scaler) is not None)  # type: ignore[arg-type]
     params = None  # resolved here only when a check needs it; else where the step does
     if scaler is not None or len(optimizers) > 1 or (warn and not warned):
@@ -333,6 +333,12 @@ def _holds_records(scaler: GradScaler) -> bool:
     return any(state.get("found_inf_per_device") for state in states.values())
 
 
+def _scaler_tensors(scaler: GradScaler | None) -> list[torch.Tensor]:
+    """The GradScaler's scale and growth tracker tensors (once it has made them)."""
+    found = [getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None)]
+    return [tensor for tensor in found if isinstance(tensor, torch.Tensor)]
+
+
 def _call_before_step(window: _Window, progress: _Progress) -> None:
     """``before_step`` with the optimizer(s), refused if it steps them or updates the
     GradScaler: it is a hook for looking at and editing the window's gradients."""
@@ -346,15 +352,18 @@ def _call_before_step(window: _Window, progress: _Progress) -> None:
         )
 
     assert window.before_step is not None
+    scaler = window.scaler
+    kept = [tensor.clone() for tensor in _scaler_tensors(scaler)]  # (on the device)
     handles = [optimizer.register_step_pre_hook(refuse) for optimizer in window.optimizers]
     try:
         window.before_step(window.given if window.given is not None else window.optimizers[0])
     finally:
         for handle in handles:
             handle.remove()
-    scaler = window.scaler
     if scaler is not None and progress.scaler_pending and not _holds_records(scaler):
         progress.scaler_pending = False
+        for tensor, saved in zip(_scaler_tensors(scaler), kept, strict=True):
+            tensor.copy_(saved)  # its scale and growth tracker as they were
         raise ConfigError(
             "before_step called scaler.update(), which accumfn calls once per window after "
             "the optimizer(s) stepped; before_step is for looking at and editing the "
