@@ -214,7 +214,7 @@ class GradientAccumulator:
         self._state = state
         if stepped:
             assert window is not None  # (a window closes where closes_window says it does)
-            self._step(state, window, model)
+            self._step(state, window, model, last=is_final_batch)
             self._warn_untracked(model, window.optimizers)
         return stepped
 
@@ -225,16 +225,25 @@ class GradientAccumulator:
             self._warned = (model, self.optimizer)
             warn_untracked(model, optimizers, window_params(optimizers))
 
-    def _step(self, state: AccumState, window: Any, model: nn.Module) -> None:
-        """Run a closed window's checked step; keep the state to continue from either way."""
+    def _step(self, state: AccumState, window: Any, model: nn.Module, last: bool = False) -> None:
+        """Run a closed window's checked step; keep the state to continue from either way.
+
+        ``last``: the window ended the data (``is_final_batch``), so no later window's header
+        would tell the ranks that its step failed on some of them: they compare now, with
+        one more exchange (a ``flush`` of the empty next window), and all raise if so.
+        """
         try:
             report = run_step(state, window, model, grad_norm=self._track_grad_norm)
         except StepError as exc:
             self._state = exc.state
             self._norm = None
+            if last:
+                flush(exc.state, model)  # raises on every rank: this step failed here
             raise
         self._state = report.state
         self._norm = report.grad_norm
+        if last:
+            flush(report.state, model)
 
     def flush(self, model: nn.Module | None = None) -> bool:
         """Close and step the open window after the last micro-batch; True if it stepped.

@@ -477,3 +477,33 @@ def test_fsdp2_based_replicate_finds_its_group_and_is_exact() -> None:
     for result in run_ranks(_fsdp_replicate, timeout=150):
         for got, want in zip(result["params"], reference, strict=True):
             torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-6)
+
+
+def _fail_in_the_last_window(rank: int, world: int) -> dict[str, Any]:
+    calls = [0]
+
+    def before_step(optimizer: object) -> None:
+        calls[0] += 1
+        if rank == 1 and calls[0] == 3:
+            raise OSError("disk full in the last window")
+
+    module, _, acc = _build(before_step=before_step)
+    model = DistributedDataParallel(module)
+    acc.prepare(model)
+    batches = [b for window in _data()[rank] for b in window]
+    try:
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            acc.accumulate(token_loss(model, batch, "mean"), model, is_final_batch=last)
+    except (RankMismatchError, StepError) as exc:
+        return _error(exc)
+    return {"type": None}
+
+
+def test_a_step_failing_on_one_rank_in_the_last_window_stops_every_rank() -> None:
+    """No later window's header would carry it: GradientAccumulator compares at once after
+    a window that ended the data (is_final_batch), and every rank raises."""
+    for result in run_ranks(_fail_in_the_last_window, timeout=120):
+        assert result["type"] == "RankMismatchError", result
+        assert "failed on rank(s) [1] and not on rank(s) [0]" in result["message"]
+        assert "disk full in the last window" in result["message"]
