@@ -19,8 +19,8 @@ from torch.amp import GradScaler
 from .. import core
 from ..core import AccumState, ByStep
 from ..errors import CheckpointError, ConfigError, StateFormatError
-from ..grads import buffers, optimizer_params, zero_grads_
-from ..parallel import clear_failures, device_for, exchange, strategy
+from ..grads import buffers, is_dtensor, optimizer_params, zero_grads_
+from ..parallel import clear_failures, exchange, strategy
 
 __all__ = ["agreeing_groups", "capture", "refuse_together", "restore"]
 
@@ -47,12 +47,8 @@ def _scaler_on(scaler: GradScaler | None) -> bool:
     return scaler is not None and scaler.is_enabled()
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
-
-
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if _is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
 def _open_grad(param: torch.Tensor) -> torch.Tensor | None:
@@ -89,7 +85,7 @@ def capture(
     grads: list[torch.Tensor | None] | None = None
     params = list(optimizer_params(optimizer))
     if state.is_accumulating:
-        if not state.config.sync_every_micro_step and any(_is_dtensor(p) for p in params):
+        if not state.config.sync_every_micro_step and any(is_dtensor(p) for p in params):
             raise CheckpointError(
                 f"cannot checkpoint inside a window under FSDP2 ({state.micro_step} of "
                 f"{state.window} micro-steps): FSDP2 keeps the open window's gradients "
@@ -329,7 +325,7 @@ def restore(
 
 def _as_grad_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     local = grad.to(device=_local(param).device, copy=True)
-    if not _is_dtensor(param):
+    if not is_dtensor(param):
         return local
     from torch.distributed.tensor import DTensor
 
@@ -390,17 +386,15 @@ def _check_ranks(
     here = _rank() or {"rank": 0, "world_size": 1}
     scale = _scale_of(scaler_state)
     view = core.resume_view(resumed, rank=here["rank"], saved_by=saved_by, scale=scale)
-    views = [view] if groups is None else _exchange(view, groups)
+    views = [view] if groups is None else exchange(view, groups, _LOADS)
     core.agree_resume(views, here["world_size"])
 
 
 def refuse_together(state: AccumState, groups: list[dist.ProcessGroup | None] | None) -> None:
     """This rank's checkpoint was refused: tell the other ranks, which raise too."""
     if groups is not None:
-        here = _rank() or {"rank": 0, "world_size": 1}
-        _exchange(core.resume_view(state, rank=here["rank"], saved_by=None, refused=True), groups)
+        rank = dist.get_rank()  # (groups: a job of several processes)
+        exchange(core.resume_view(state, rank=rank, saved_by=None, refused=True), groups, _LOADS)
 
 
-def _exchange(view: core.RankView, groups: list[dist.ProcessGroup | None]) -> list[core.RankView]:
-    row = torch.tensor(view.to_row(), dtype=torch.int64, device=device_for(groups[0]))
-    return exchange(row, groups, "the checkpoints each rank loads")
+_LOADS = "the checkpoints each rank loads"

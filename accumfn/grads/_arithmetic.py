@@ -15,10 +15,18 @@ __all__ = [
     "WindowGrads",
     "check_scaler",
     "grads_of",
+    "is_dtensor",
     "optimizer_params",
     "scale_grads_",
     "zero_grads_",
 ]
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 parameter or gradient shard), without
+    importing ``torch.distributed.tensor``."""
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "to_local")
+
 
 _ROUNDED_DTYPES = (torch.float16, torch.bfloat16)
 """Rescaled in fp32 and rounded once; every other dtype (fp32, fp64, complex) in place."""

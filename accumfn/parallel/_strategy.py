@@ -86,13 +86,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _fsdp_groups(model: nn.Module) -> list[dist.ProcessGroup]:
-    """FSDP2's data-parallel groups: the shard dim, and the replicate dim under HSDP."""
+def _fsdp_param_groups(model: nn.Module) -> Iterator[Any]:
+    """The FSDP2 parameter groups of ``model``'s ``fully_shard`` modules that hold any."""
     fsdp_type = fsdp_class("FSDPModule")
     for module in model.modules():
         if fsdp_type is None or not isinstance(module, fsdp_type):
             continue
         group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)  # type: ignore[operator]
+        if group is not None:
+            yield group
+
+
+def _fsdp_groups(model: nn.Module) -> list[dist.ProcessGroup]:
+    """FSDP2's data-parallel groups: the shard dim, and the replicate dim under HSDP."""
+    for group in _fsdp_param_groups(model):
         info = getattr(group, "mesh_info", None)
         if info is None:
             continue
@@ -111,18 +118,27 @@ def _fsdp_groups(model: nn.Module) -> list[dist.ProcessGroup]:
     )
 
 
+def _steered(inner: nn.Module) -> str | None:
+    """ "ddp" or "fsdp2" for a wrapper whose sync accumfn steers, else None."""
+    if isinstance(inner, DistributedDataParallel):
+        return "ddp"
+    fsdp_type = fsdp_class("FSDPModule")
+    return "fsdp2" if fsdp_type is not None and isinstance(inner, fsdp_type) else None
+
+
 class DataParallel:
     """How one model reduces gradients: its kind, groups and the sync flags it obeys."""
 
     def __init__(self, model: nn.Module, process_group: dist.ProcessGroup | None = None):
         inner = _unwrap(model)
-        fsdp_type = fsdp_class("FSDPModule")
+        steered = _steered(inner)
         # Weak references only: the strategy is cached per model and must not keep it alive.
         self._model = weakref.ref(inner)
         self._ddp: weakref.ref[DistributedDataParallel] | None = None
         self._fsdp: weakref.ref[nn.Module] | None = None
         groups: list[dist.ProcessGroup] = []
-        if isinstance(inner, DistributedDataParallel):
+        if steered == "ddp":
+            assert isinstance(inner, DistributedDataParallel)
             self.kind = "ddp"
             self._ddp = weakref.ref(inner)
             own = inner.process_group
@@ -133,7 +149,7 @@ class DataParallel:
                 )
             groups = [own]
             inner.register_forward_hook(_forward_hook(self))
-        elif fsdp_type is not None and isinstance(inner, fsdp_type):
+        elif steered == "fsdp2":
             self.kind = "fsdp2"
             self._fsdp = weakref.ref(inner)
             groups = [process_group] if process_group is not None else _fsdp_groups(inner)
@@ -206,11 +222,7 @@ class DataParallel:
         live in ``.grad``."""
         if self.kind != "fsdp2":
             return
-        fsdp_type = fsdp_class("FSDPModule")
-        for module in self.model.modules():
-            if fsdp_type is None or not isinstance(module, fsdp_type):
-                continue
-            group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)  # type: ignore[operator]
+        for group in _fsdp_param_groups(self.model):
             for fsdp_param in getattr(group, "fsdp_params", None) or ():
                 if not hasattr(fsdp_param, "unsharded_accumulated_grad"):
                     raise ConfigError(
@@ -278,10 +290,9 @@ class DataParallel:
         scaler: GradScaler | None,
         decide: Callable[[list[core.RankView]], _T],
     ) -> _T:
-        row = torch.tensor(view.to_row(), dtype=torch.int64, device=device_for(self.groups[0]))
-        if scaler is not None:
-            write_scale(row, scaler)
-        views = exchange(row, self.groups, "the window's header (step, micro-steps, items)")
+        views = exchange(
+            view, self.groups, "the window's header (step, micro-steps, items)", scaler
+        )
         try:
             return decide(views)
         except RankMismatchError as exc:
@@ -407,11 +418,18 @@ def all_reduce(
 
 
 def exchange(
-    row: torch.Tensor, groups: Sequence[dist.ProcessGroup | None], what: str
+    view: core.RankView,
+    groups: Sequence[dist.ProcessGroup | None],
+    what: str,
+    scaler: GradScaler | None = None,
 ) -> list[core.RankView]:
-    """Every rank's view, in the same order on every rank: one all-gather of ``row`` per
-    group (two under HSDP), then one host read."""
+    """Every rank's view, in the same order on every rank: this rank's as one row of int64
+    on the groups' device (with ``scaler``'s scale written in there, no host read), one
+    all-gather of it per group (two under HSDP), then one host read."""
     _timeout()  # parsed before the collective is issued
+    row = torch.tensor(view.to_row(), dtype=torch.int64, device=device_for(groups[0]))
+    if scaler is not None:
+        write_scale(row, scaler)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     rows = row.view(1, -1)
     for group in groups:
@@ -518,13 +536,9 @@ def prepare(model: nn.Module, process_group: dist.ProcessGroup | None, sync: boo
     A plain module has no flag to set, and is not judged here: a wrapper built at the first
     forward (composable ``replicate``) does not exist yet, so its first micro-step judges it.
     """
-    if process_group is None and isinstance(model, nn.Module) and model not in _CACHE:
-        inner = _unwrap(model)
-        fsdp_type = fsdp_class("FSDPModule")
-        if not isinstance(inner, DistributedDataParallel) and not (
-            fsdp_type is not None and isinstance(inner, fsdp_type)
-        ):
-            return
+    unjudged = process_group is None and isinstance(model, nn.Module) and model not in _CACHE
+    if unjudged and _steered(_unwrap(model)) is None:
+        return
     strategy(model, process_group).set_forward_sync(sync)
 
 

@@ -22,6 +22,7 @@ from ..grads import (
     check_scaler,
     clip_grads_by_value_,
     grads_of,
+    is_dtensor,
     optimizer_params,
     zero_grads_,
 )
@@ -64,10 +65,6 @@ class StepReport:
     """Pre-clip norm of the window's (unscaled, normalized) gradients: computed when
     something uses it (clipping, ``skip_nonfinite``, the GradScaler's check across several
     optimizers) or ``grad_norm=True`` asked for it; else None, and no norm is computed."""
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
 
 
 def check_model(model: object, *, optional: bool = False, hint: str = _ORDER) -> None:
@@ -614,7 +611,7 @@ def reset_epoch(
     optimizers = as_optimizers(optimizer, hint=_ORDER)
     check_model(model, optional=True)
     inside = state.is_accumulating and not state.config.sync_every_micro_step
-    if inside and model is None and any(_is_dtensor(p) for p in optimizer_params(optimizers)):
+    if inside and model is None and any(is_dtensor(p) for p in optimizer_params(optimizers)):
         raise ConfigError(
             "reset_epoch inside a window under FSDP2 needs the model: FSDP2 holds the open "
             "window's gradients unsharded inside its own parameters, which accumfn clears "
