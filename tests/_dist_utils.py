@@ -28,6 +28,7 @@ __all__ = [
     "make_windows",
     "reference_run",
     "run_ranks",
+    "sharded_token_model",
     "token_loss",
     "token_model",
 ]
@@ -101,6 +102,18 @@ def token_loss(model: nn.Module, batch: Batch, reduction: str) -> torch.Tensor:
     return nn.functional.cross_entropy(
         logits.reshape(-1, CLASSES), y.reshape(-1), ignore_index=-100, reduction=reduction
     )
+
+
+def sharded_token_model(seed: int = 0) -> nn.Module:
+    """``token_model(seed)`` with each linear layer and the root under FSDP2's ``fully_shard``."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = token_model(seed)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
 
 
 def items(batch: Batch) -> int:

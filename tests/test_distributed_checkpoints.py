@@ -29,7 +29,15 @@ from accumfn.checkpoint import (
     save_checkpoint,
 )
 
-from ._dist_utils import full_params, items, make_windows, run_ranks, token_loss, token_model
+from ._dist_utils import (
+    full_params,
+    items,
+    make_windows,
+    run_ranks,
+    sharded_token_model,
+    token_loss,
+    token_model,
+)
 
 WINDOW = 3
 LENGTHS = (3, 3, 2)
@@ -42,14 +50,7 @@ def _ddp() -> nn.Module:
 
 
 def _fsdp() -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    model = token_model(100)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    return model
+    return sharded_token_model(100)
 
 
 def _micro_batches(rank: int, item_mode: bool) -> list[tuple[Any, bool]]:

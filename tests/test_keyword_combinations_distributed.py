@@ -9,31 +9,21 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import accumfn
 from accumfn.errors import ConfigError
 
-from ._dist_utils import full_params, run_ranks, token_loss, token_model
+from ._dist_utils import full_params, run_ranks, sharded_token_model, token_loss, token_model
 from .test_distributed_edges import large_batch, ranked_data, sgd
 
 SEED = 5
 
 
-def _sharded() -> nn.Module:
-    model = token_model(0)
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    return model
-
-
 def _drop_a_window(rank: int, world: int, pass_model: bool) -> dict[str, Any]:
     """Window 1 (3 micro-batches), 2 micro-batches of window 2 dropped by reset_epoch (the
     data ran out inside it), window 3."""
-    model = _sharded()
+    model = sharded_token_model(0)
     opt = sgd(model)
     data = ranked_data(SEED, [[3, 2, 3]] * world, ragged=False)[rank]
     state = accumfn.init(3)
