@@ -24,17 +24,21 @@ from .step import (
     accumulate,
     as_optimizers,
     as_schedulers,
+    attach_beside,
+    carry,
     check_fp16_with_scaler,
     check_hooks,
     check_loss,
     check_model,
     check_steppable,
     claim_scaler,
+    closed_loss,
     flush,
     prepare_forward,
     prepare_step,
     reset_epoch,
     run_step,
+    tally_beside,
     warn_untracked,
     window_params,
 )
@@ -72,6 +76,11 @@ class AccumulationStats:
     norm is computed (no clipping, no ``skip_nonfinite`` and ``track_grad_norm=False``)."""
     skipped_steps: int = 0
     """Windows skipped for non-finite gradients (GradScaler or ``skip_nonfinite``)."""
+    last_window_loss: float = math.nan
+    """The last window's loss as the large batch computes it (the mean over its
+    micro-batches of all ranks, or in item mode its summed losses of all ranks over its
+    item count of all ranks), unscaled; nan before the first window. Read from the device
+    when ``stats`` is asked for (``window_loss`` keeps it there)."""
 
 
 class GradientAccumulator:
@@ -143,19 +152,32 @@ class GradientAccumulator:
         self._lightning = trainer is not None and accumulation_steps == 1
         self._lightning_calls = 0
         self._norm: torch.Tensor | None = None
+        self._window_loss: torch.Tensor | None = None
         self._track_grad_norm = track_grad_norm
         self._model: nn.Module | None = None
         self._warned: tuple[nn.Module, Optimizers] | None = None
         """The model and optimizer(s) last looked at for trainable parameters left out."""
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle with what the open window keeps on the device beside the state."""
+        saved = dict(self.__dict__)
+        beside = tally_beside(self._state)
+        if beside is not None:
+            saved["_beside"] = beside
+        return saved
+
     def __setstate__(self, saved: dict[str, Any]) -> None:
         """Unpickle, also one pickled by an earlier version (settings kept as ``_name``)."""
+        beside = saved.get("_beside")
         for name, value in saved.items():
             if name in _OLD_NAMES:
                 name = _OLD_NAMES[name]
-            if name:
+            if name and name != "_beside":
                 setattr(self, name, value)
         self.__dict__.setdefault("_warned", None)
+        self.__dict__.setdefault("_window_loss", None)
+        if beside is not None:
+            attach_beside(self._state, beside)
 
     # -- the step ---------------------------------------------------------------------------
     def _prepare_step(self, state: AccumState, model: nn.Module, *, early: bool = False) -> Any:
@@ -185,9 +207,12 @@ class GradientAccumulator:
         loss: torch.Tensor,
         model: nn.Module,
         is_final_batch: bool = False,
-        num_items: int | None = None,
+        num_items: int | torch.Tensor | None = None,
     ) -> bool:
         """Backward ``loss``; at a window's end step the optimizer. Returns True if it did.
+
+        ``num_items``: item mode, as ``accumfn.accumulate``: an int, or a 0-dim integer
+        tensor on any device, read only at the window's boundary.
 
         Under Lightning management this only checks the loss and returns True.
         """
@@ -232,6 +257,7 @@ class GradientAccumulator:
         would tell the ranks that its step failed on some of them: they compare now, with
         one more exchange (a ``flush`` of the empty next window), and all raise if so.
         """
+        self._window_loss = closed_loss(state)
         try:
             report = run_step(state, window, model, grad_norm=self._track_grad_norm)
         except StepError as exc:
@@ -291,9 +317,17 @@ class GradientAccumulator:
     def state(self) -> AccumState:
         """The functional state behind this object (pre-clip norm read in)."""
         if self._norm is not None:
-            self._state = attrs.evolve(self._state, last_grad_norm=float(self._norm))
+            held = self._state
+            self._state = carry(held, attrs.evolve(held, last_grad_norm=float(self._norm)))
             self._norm = None
         return self._state
+
+    @property
+    def window_loss(self) -> torch.Tensor | None:
+        """The last window's loss (see ``AccumulationStats.last_window_loss``) as a 0-dim
+        float64 tensor on the device, not read; None before the first window. Log it with
+        ``MetricsTracker.log_window_loss(accumulator)``."""
+        return self._window_loss
 
     @property
     def is_lightning_managed(self) -> bool:
@@ -332,6 +366,7 @@ class GradientAccumulator:
             is_accumulating=state.is_accumulating,
             last_grad_norm=math.nan if norm is None else norm,
             skipped_steps=state.skipped_steps,
+            last_window_loss=math.nan if self._window_loss is None else float(self._window_loss),
         )
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -364,6 +399,7 @@ class GradientAccumulator:
             model=model,
         )
         self._norm = None
+        self._window_loss = None
         if model is not None:
             prepare_forward(self._state, model)
 

@@ -41,7 +41,10 @@ BAD_COUNTS: list[tuple[Any, str]] = [
     ("3", "got '3' of type str"),
     (True, "got True of type bool"),
     (False, "got False of type bool"),
-    (torch.tensor(3), "of type Tensor"),
+    (torch.tensor(3.0), "got a torch.float32 tensor"),
+    (torch.tensor(True), "got a torch.bool tensor"),
+    (torch.tensor([3]), "tensor of shape (1,)"),
+    (torch.tensor([[3, 4]]), "tensor of shape (1, 2)"),
 ]
 
 
@@ -61,7 +64,7 @@ def test_bad_num_items_is_refused_and_changes_nothing(bad: Any, message: str) ->
 def test_non_integer_message_says_how_to_count() -> None:
     model = mlp(0)
     x, y = data(0, 4)
-    with pytest.raises(ConfigError, match=r"int\(\(labels != -100\)\.sum\(\)\)"):
+    with pytest.raises(ConfigError, match=r"0-dim integer tensor .*\(labels != -100\)\.sum\(\)"):
         accumfn.accumulate(accumfn.init(2), _sum_loss(model, x, y), model, num_items=4.0)
 
 

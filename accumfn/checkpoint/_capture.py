@@ -6,6 +6,7 @@ that will use it, and only then changes anything.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,11 +22,14 @@ from ..core import AccumState, ByStep
 from ..errors import CheckpointError, ConfigError, StateFormatError
 from ..grads import buffers, is_dtensor, optimizer_params, zero_grads_
 from ..parallel import clear_failures, exchange, strategy
+from ..step import restore_tally, settle
 
 __all__ = ["agreeing_groups", "capture", "refuse_together", "restore"]
 
 _KEYS = frozenset({"accumfn", "partial_grads", "scaler", "rank"})
 _KEYS_V1 = _KEYS - {"rank"}  # checkpoints of accumfn 0.1, saved on one process
+_LOSS_KEY = "window_loss"
+"""Present inside a window only: the sum of the open window's losses so far (a float)."""
 _SCALER_KEYS: dict[str, type] = {
     "scale": float,
     "growth_factor": float,
@@ -81,7 +85,12 @@ def capture(
     without ``sync_every_micro_step`` the open window's gradients live inside FSDP2, out of
     reach: capturing them there raises ``CheckpointError``. Loadable with
     ``torch.load(weights_only=True)``.
+
+    Inside a window whose ``num_items`` were given as tensors, their count is read (once)
+    and saved in the state's ``window_items``; the sum of the window's losses so far is
+    saved under ``"window_loss"``, so the resumed window's loss is the whole window's.
     """
+    state, loss_sum = settle(state)
     grads: list[torch.Tensor | None] | None = None
     params = list(optimizer_params(optimizer))
     if state.is_accumulating:
@@ -96,12 +105,15 @@ def capture(
                 f"micro-step and kept sharded, which a checkpoint can hold)."
             )
         grads = [_open_grad(p) for p in params]
-    return {
+    data: dict[str, Any] = {
         "accumfn": state.to_dict(),
         "partial_grads": grads,
         "scaler": scaler.state_dict() if scaler is not None and _scaler_on(scaler) else None,
         "rank": _rank() if state.is_accumulating else None,
     }
+    if loss_sum is not None:
+        data[_LOSS_KEY] = loss_sum
+    return data
 
 
 def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,7 +136,8 @@ def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
 
 
 def _parse(data: object, current: AccumState) -> tuple[Mapping[str, Any], AccumState]:
-    if not isinstance(data, Mapping) or set(data) not in (_KEYS, _KEYS_V1):
+    keys = set(data) - {_LOSS_KEY} if isinstance(data, Mapping) else set()
+    if not isinstance(data, Mapping) or keys not in (_KEYS, _KEYS_V1):
         got = sorted(map(str, data)) if isinstance(data, Mapping) else type(data).__name__
         raise CheckpointError(
             f"not an accumfn checkpoint: expected a dict with keys {sorted(_KEYS)}, got {got}. "
@@ -298,6 +311,7 @@ def restore(
         scaler_state = _check_scaler(data["scaler"], resumed, scaler, allow_config_change)
         pairs = _check_grads(data["partial_grads"], resumed, optimizer)
         saved_by = _saved_by(data.get("rank"))
+        loss_sum = _window_loss(data.get(_LOSS_KEY), resumed)
     except Exception:
         refuse_together(state, groups)  # the other ranks learn it in the same exchange
         raise
@@ -320,7 +334,20 @@ def restore(
         else:
             param.grad = _as_grad_of(param, grad)
     clear_failures(model)  # every rank resumed from the same step
-    return resumed
+    return restore_tally(resumed, loss_sum)
+
+
+def _window_loss(saved: object, resumed: AccumState) -> float | None:
+    """The saved sum of the open window's losses (nan for a checkpoint inside a window
+    saved without it: the window's loss is then unknown)."""
+    if saved is None:
+        return math.nan if resumed.is_accumulating else None
+    if isinstance(saved, bool) or not isinstance(saved, numbers.Real):
+        raise CheckpointError(
+            f"the checkpoint's window_loss must be a number, got {type(saved).__name__}. "
+            f"Pass what state_dict()/capture() returned."
+        )
+    return float(saved)
 
 
 def _as_grad_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

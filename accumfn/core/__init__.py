@@ -6,6 +6,8 @@ layer says the same thing about the same mistake.
 
 from ._agree import (
     CLOSE,
+    ITEMS_COLUMN,
+    LOSS_COLUMN,
     OPEN,
     RESUME,
     SCALE_COLUMN,
@@ -16,6 +18,7 @@ from ._agree import (
     agree_at_open,
     agree_open,
     agree_resume,
+    check_counted_items,
     float_bits,
     identity_problem,
     open_view,
@@ -31,6 +34,7 @@ from ._schedule import ByEpoch, ByStep, Constant, Schedule, StepsSpec, schedule_
 from ._serialize import FORMAT
 from ._state import AccumConfig, AccumState, MicroPlan, Normalization
 from ._transitions import (
+    ON_DEVICE,
     check_state,
     check_step_scaler,
     close_window,
@@ -47,6 +51,9 @@ from ._transitions import (
 __all__ = [
     "CLOSE",
     "FORMAT",
+    "ITEMS_COLUMN",
+    "LOSS_COLUMN",
+    "ON_DEVICE",
     "OPEN",
     "RESUME",
     "SCALE_COLUMN",
@@ -66,6 +73,7 @@ __all__ = [
     "agree_at_open",
     "agree_open",
     "agree_resume",
+    "check_counted_items",
     "check_state",
     "check_step_scaler",
     "close_window",

@@ -23,6 +23,7 @@ from ._state import (
 )
 
 __all__ = [
+    "ON_DEVICE",
     "check_state",
     "check_step_scaler",
     "close_window",
@@ -96,17 +97,33 @@ def check_state(state: object) -> AccumState:
     return state
 
 
+class _OnDevice:
+    """``num_items`` of a micro-batch counted on the device: the shell keeps the count
+    (``step/_tally.py``), the core the window's mode and micro-steps."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<a tensor>"
+
+
+ON_DEVICE = _OnDevice()
+"""Pass as ``micro_step``'s ``num_items`` for a count the shell keeps on the device."""
+
+
 def _items(num_items: object) -> int:
+    if num_items is ON_DEVICE:
+        return 0
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
         raise ConfigError(
             f"num_items must be a Python int >= 0 (the number of items the loss sums over), "
-            f"got {num_items!r} of type {type(num_items).__name__}; count the items on the host "
-            f"(e.g. int((labels != -100).sum()) before moving labels to the device)."
+            f"got {num_items!r} of type {type(num_items).__name__}; pass an int, or a 0-dim "
+            f"integer tensor counted on the device (e.g. (labels != -100).sum())."
         )
     return check_count("num_items", num_items, minimum=0)
 
 
-def _mode_error(state: AccumState, items: int | None) -> NoReturn:
+def _mode_error(state: AccumState, items: object) -> NoReturn:
     assert state.window_norm is not None
     given = "without num_items" if items is None else f"with num_items={items}"
     raise ConfigError(
@@ -174,7 +191,7 @@ def micro_step(
         return new_state, plan
     items = _items(num_items)
     if state.window_norm is _MEAN:
-        _mode_error(state, items)
+        _mode_error(state, num_items)
     new_state = _count_micro_step(
         state, taken, _ITEMS, state.window_items + items, state.total_micro_steps + 1, scaled
     )

@@ -6,6 +6,8 @@
   clip, skip, optimizer, scheduler; and ``reset_epoch``.
 - ``_window``: what a window's step covers (its parameter set) and the checks made on it
   before anything changes.
+- ``_tally``: what a window keeps on the device beside the pure state (item counts given
+  as tensors, the sum of its losses), read only at its boundary.
 
 ``__all__`` is the functional API (``accumfn`` re-exports it); the other names serve
 ``GradientAccumulator``.
@@ -17,6 +19,12 @@ from ._apply import check_hooks as check_hooks
 from ._apply import check_model as check_model
 from ._apply import prepare_step as prepare_step
 from ._apply import run_step as run_step
+from ._tally import attach_beside as attach_beside
+from ._tally import carry as carry
+from ._tally import closed_loss as closed_loss
+from ._tally import restore_tally as restore_tally
+from ._tally import settle as settle
+from ._tally import tally_beside as tally_beside
 from ._window import LRScheduler, Optimizers, Schedulers
 from ._window import as_optimizers as as_optimizers
 from ._window import as_schedulers as as_schedulers

@@ -26,6 +26,7 @@ from ..grads import (
     optimizer_params,
     zero_grads_,
 )
+from ._tally import closed_loss
 from ._window import (
     LRScheduler,
     Optimizers,
@@ -65,6 +66,13 @@ class StepReport:
     """Pre-clip norm of the window's (unscaled, normalized) gradients: computed when
     something uses it (clipping, ``skip_nonfinite``, the GradScaler's check across several
     optimizers) or ``grad_norm=True`` asked for it; else None, and no norm is computed."""
+    window_loss: torch.Tensor | None = None
+    """The window's loss as the large batch computes it, a 0-dim float64 tensor on the
+    device, not read: the mean of the window's micro-batch losses over all ranks (mean
+    mode), or their sum over all ranks divided by the window's item count over all ranks
+    (item mode; nan for a window without items). As given to ``accumulate``: not scaled by
+    a GradScaler, nor divided by the window. None for a window ``accumulate`` did not
+    close (a state rebuilt by hand)."""
 
 
 def check_model(model: object, *, optional: bool = False, hint: str = _ORDER) -> None:
@@ -517,7 +525,7 @@ def run_step(
     parallel = distributed.strategy(model)
     if parallel.kind != "plain":
         parallel.set_forward_sync(core.sync_next_forward(new_state))
-    return StepReport(new_state, applied, norm)
+    return StepReport(new_state, applied, norm, closed_loss(state))
 
 
 def step_window(
@@ -551,6 +559,8 @@ def step_window(
     The pre-clip norm (``StepReport.grad_norm``, on the device) is computed only when
     something uses it: clipping, ``skip_nonfinite``, the GradScaler's check across several
     optimizers, or ``grad_norm=True``; otherwise it is None and no norm is computed.
+    ``StepReport.window_loss`` is the window's loss as the large batch computes it, on the
+    device (nothing is read for it).
 
     All or nothing: the arguments, the scheduler's ``step()`` signature, an optimizer that
     needs a closure, fp16 gradients under a GradScaler and the next window's size (the
