@@ -593,7 +593,8 @@ def apply_step(
     """Apply a closed window (see ``step_window``) and record its pre-clip gradient norm.
 
     The norm is always computed and read here: one host-device sync per window. Use
-    ``step_window`` to keep it on the device, or not compute it when nothing uses it.
+    ``step_window`` to keep it on the device, or not compute it when nothing uses it, and
+    for the window's loss (``StepReport.window_loss``).
     """
     report = step_window(
         state,

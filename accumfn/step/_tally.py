@@ -221,7 +221,8 @@ def settle(state: AccumState) -> tuple[AccumState, float | None]:
     value = items_value(tally, state.window_items)
     loss = tally.loss
     if value is not None:
-        pair = torch.stack([value.to(torch.float64), torch.as_tensor(loss).to(value.device)])
+        summed = torch.as_tensor(loss, dtype=torch.float64).to(value.device)
+        pair = torch.stack([value.to(torch.float64), summed])
         items, loss_sum = pair.tolist()  # one read for both
         state = attrs.evolve(state, window_items=check_counted_items(int(items)))
         return state, float(loss_sum)
