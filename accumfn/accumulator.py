@@ -102,7 +102,7 @@ class GradientAccumulator:
         self,
         optimizer: Optimizers,
         accumulation_steps: core.StepsSpec = 1,
-        max_grad_norm: float | None = 1.0,
+        max_grad_norm: float | None = core.DEFAULT_MAX_GRAD_NORM,
         scaler: GradScaler | None = None,
         batch_size: int = 1,
         trainer: Any = None,

@@ -29,7 +29,7 @@ from ._checks import check_positive_float as check_positive_float
 from ._checks import closest as closest
 from ._schedule import ByEpoch, ByStep, Constant, Schedule, StepsSpec, schedule_from
 from ._serialize import FORMAT
-from ._state import AccumConfig, AccumState, MicroPlan, Normalization
+from ._state import DEFAULT_MAX_GRAD_NORM, AccumConfig, AccumState, MicroPlan, Normalization
 from ._transitions import (
     check_state,
     check_step_scaler,
@@ -46,6 +46,7 @@ from ._transitions import (
 
 __all__ = [
     "CLOSE",
+    "DEFAULT_MAX_GRAD_NORM",
     "FORMAT",
     "OPEN",
     "RESUME",

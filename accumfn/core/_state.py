@@ -13,7 +13,14 @@ from ..errors import ConfigError
 from ._checks import check_count, check_positive_float
 from ._schedule import Schedule, schedule_from
 
-__all__ = ["AccumConfig", "AccumState", "MicroPlan", "Normalization"]
+__all__ = ["DEFAULT_MAX_GRAD_NORM", "AccumConfig", "AccumState", "MicroPlan", "Normalization"]
+
+DEFAULT_MAX_GRAD_NORM = 1.0
+"""The clipping every entry point applies unless told otherwise (``max_grad_norm=None``: none).
+
+``accumfn.init``, ``GradientAccumulator``, ``AccumulationConfig`` and so ``from_config`` and
+``accumfn check`` share it; docs/config.md ("Clipping default") gives the peers' defaults.
+"""
 
 
 class Normalization(enum.Enum):
@@ -69,7 +76,9 @@ class AccumConfig:
     """What the user asked for. Plain values only, except a callable schedule."""
 
     schedule: Schedule = attrs.field(converter=schedule_from)
-    max_grad_norm: float | None = attrs.field(default=None, converter=_max_grad_norm)
+    max_grad_norm: float | None = attrs.field(
+        default=DEFAULT_MAX_GRAD_NORM, converter=_max_grad_norm
+    )
     batch_size: int = attrs.field(default=1, converter=_batch_size)
     skip_nonfinite: bool = attrs.field(default=False, converter=_skip_nonfinite)
     sync_every_micro_step: bool = attrs.field(default=False, converter=_sync_every_micro_step)

@@ -13,6 +13,7 @@ from ._checks import check_count
 from ._schedule import StepsSpec
 from ._state import (
     _PLANS,
+    DEFAULT_MAX_GRAD_NORM,
     AccumConfig,
     AccumState,
     MicroPlan,
@@ -61,13 +62,16 @@ _open_next = state_evolver(
 def init(
     steps: StepsSpec = 1,
     *,
-    max_grad_norm: float | None = None,
+    max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     batch_size: int = 1,
     skip_nonfinite: bool = False,
     sync_every_micro_step: bool = False,
     accum_dtype: object = None,
 ) -> AccumState:
     """A fresh state: epoch 0, no micro-step taken, first window sized by the schedule.
+
+    The window's gradient is clipped to ``max_grad_norm`` (1.0 unless given; None: no
+    clipping), as ``GradientAccumulator`` and ``AccumulationConfig`` do.
 
     ``accum_dtype=torch.float32`` sums a window's bf16/fp16 gradients in an fp32 buffer per
     parameter and hands them to the optimizer in the parameter's dtype at the boundary.
