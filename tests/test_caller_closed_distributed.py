@@ -1,8 +1,9 @@
-"""Windows the caller closes (``steps=None``) under DDP on 2 gloo ranks.
+"""Windows the caller closes (``steps=None``) under DDP and FSDP2 on 2 gloo ranks.
 
-Each rank puts its own number of micro-batches in each window (1 to 64); the update equals
-one large batch of all micro-batches of all ranks: in mean mode the mean of their means, in
-item mode the mean over the items of both ranks. A mid-window checkpoint taken at
+Under DDP each rank puts its own number of micro-batches in each window (1 to 64); the
+update equals one large batch of all micro-batches of all ranks: in mean mode the mean of
+their means, in item mode the mean over the items of both ranks. Under FSDP2, whose
+forwards are collectives, the ranks run the same number per window. A mid-window checkpoint taken at
 different micro-steps on each rank resumes exactly; ranks that do not close together
 raise on every rank. All scenarios run in one spawned pair (``_worker``).
 """
@@ -23,11 +24,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 import accumfn
 
-from ._dist_utils import CollectiveCounter, items, run_ranks, token_loss, token_model
+from ._dist_utils import (
+    CollectiveCounter,
+    full_params,
+    items,
+    run_ranks,
+    sharded_token_model,
+    token_loss,
+    token_model,
+)
 from .test_caller_closed import large_batch, rollouts, sgd
 
 LENGTHS = [(3, 5), (1, 2), (64, 1), (2, 2)]
 """Micro-batches of each window on (rank 0, rank 1)."""
+FSDP2_LENGTHS = [(3, 3), (1, 1), (6, 6)]
+"""FSDP2 gathers the parameters in every forward: the ranks run the same number."""
 RESUME_LENGTHS = [(4, 3), (5, 6), (2, 3)]
 CUT = {0: 2, 1: 4}
 """Each rank checkpoints inside window 1, after this many of its micro-batches."""
@@ -39,6 +50,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "items-object": {"api": "object", "items": True},
     "mean-flush": {"api": "flush", "items": False},
     "items-flush": {"api": "flush", "items": True},
+    "fsdp2-mean": {"api": "object", "items": False, "fsdp2": True},
+    "fsdp2-items": {"api": "functional", "items": True, "fsdp2": True},
 }
 
 
@@ -51,7 +64,7 @@ def _ddp(rank: int, counter: CollectiveCounter | None = None) -> DistributedData
 
 def _train(rank: int, spec: dict[str, Any], data: Any) -> dict[str, Any]:
     counter = CollectiveCounter()
-    model = _ddp(rank, counter)
+    model = sharded_token_model(100) if spec.get("fsdp2") else _ddp(rank, counter)
     optimizer = sgd(model)
     api, item_mode, clip = spec["api"], spec["items"], spec.get("clip")
     acc = None
@@ -81,7 +94,9 @@ def _train(rank: int, spec: dict[str, Any], data: Any) -> dict[str, Any]:
                 assert stepped == last
             if api == "flush":
                 assert acc is not None and acc.flush()
-            params.append([p.detach().clone() for p in model.module.parameters()])
+            params.append(
+                full_params(model.module if isinstance(model, DistributedDataParallel) else model)
+            )
     final = acc.state if acc is not None else state
     return {
         "params": params,
@@ -204,7 +219,8 @@ def _worker(rank: int, world: int, folder: str) -> dict[str, Any]:
     os.environ["ACCUMFN_SYNC_TIMEOUT"] = "30"
     results: dict[str, Any] = {}
     for name, spec in SCENARIOS.items():
-        data = rollouts(11, LENGTHS, ragged=spec["items"])
+        lengths = FSDP2_LENGTHS if spec.get("fsdp2") else LENGTHS
+        data = rollouts(11, lengths, ragged=spec["items"])
         results[name] = _train(rank, spec, data)
         results[name]["reference"] = large_batch(
             token_model(100), data, max_grad_norm=spec.get("clip")
@@ -230,8 +246,9 @@ def test_ranks_with_their_own_micro_batch_counts_equal_the_large_batch(
         run = result[name]
         for got, want in zip(run["params"], run["reference"], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        assert run["optimizer_steps"] == len(LENGTHS)
-        assert run["total_micro_steps"] == sum(lengths[rank] for lengths in LENGTHS)
+        windows = FSDP2_LENGTHS if SCENARIOS[name].get("fsdp2") else LENGTHS
+        assert run["optimizer_steps"] == len(windows)
+        assert run["total_micro_steps"] == sum(lengths[rank] for lengths in windows)
 
 
 def test_one_header_and_one_reduction_per_window(ranks: list[dict[str, Any]]) -> None:
