@@ -166,7 +166,7 @@ def micro_step(
         _scaling_error(scaled)
     window = state.window
     taken = state.micro_step + 1
-    boundary = is_final_batch or taken == window  # (window 0: the caller closes it)
+    boundary = is_final_batch or taken >= window > 0  # (window 0: the caller closes it)
     config = state.config
     reduce = (boundary or config.sync_every_micro_step) and config.accum_dtype is None
     if num_items is None:
@@ -249,7 +249,7 @@ def closes_window(state: AccumState, is_final_batch: object = False) -> bool:
     Asks nothing and checks nothing: ``micro_step`` does both; this lets the shell check what
     the step will need before the boundary's backward runs.
     """
-    return is_final_batch is True or state.micro_step + 1 == state.window
+    return is_final_batch is True or state.micro_step + 1 >= state.window > 0
 
 
 def window_after(state: AccumState) -> int:
@@ -345,4 +345,4 @@ def sync_next_forward(state: AccumState) -> bool:
         return False
     if state.config.sync_every_micro_step or state.closed:
         return True
-    return state.micro_step + 1 == state.window  # never for a caller-closed window (0)
+    return state.micro_step + 1 >= state.window > 0  # never for a caller-closed window (0)
