@@ -77,7 +77,7 @@ def large_batch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         params.append([p.detach().clone() for p in model.parameters()])
     return {"params": params, "losses": losses, "norms": norms}
 
