@@ -32,7 +32,7 @@ def _command(name: str) -> list[str]:
 
 
 def test_every_example_is_listed() -> None:
-    assert {"manual_loop.py", "amp.py", "item_lm.py"} <= set(EXAMPLES)
+    assert {"manual_loop.py", "amp.py", "item_lm.py", "rl_rollouts.py"} <= set(EXAMPLES)
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

@@ -225,6 +225,15 @@ class AccumulationConfig:
 
 
 def _steps(value: object) -> int | dict[int, int]:
+    if value is None:
+        raise ConfigError(
+            "gradient_accumulation_steps: null (windows the training loop closes itself) "
+            "cannot come from a config: whether a loop closes its windows is part of its code, "
+            "which must pass is_final_batch=True on each window's last micro-batch; a config "
+            "that said so to a loop that does not would never step. Pass "
+            "accumulation_steps=None to GradientAccumulator (or accumfn.init(steps=None)) in "
+            "that loop, and leave gradient_accumulation_steps out of the config."
+        )
     if isinstance(value, Mapping):
         return dict(ByEpoch(value).table)
     if callable(value) or isinstance(value, (Constant, ByEpoch)):
