@@ -112,6 +112,7 @@ def main() -> None:
             f"micro-batches per rank, {len(rounds)} DDP all-reduce rounds (the short last window "
             f"closes with one explicit all-reduce), max |param - large batch| = {diff:.1e}"
         )
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -171,6 +171,7 @@ def main() -> None:
             print(f"{name}: the resumed run {verdict} the uninterrupted run bit for bit")
     if rank == 0:
         print(f"{dist.get_world_size()} rank(s), checkpoints in {folder}")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
     if failed:
         sys.exit(1)
