@@ -324,7 +324,10 @@ class GradientAccumulator:
 
     @property
     def effective_step(self) -> int:
-        """Windows stepped so far (applied or skipped); Lightning's global_step if it manages."""
+        """Windows closed so far (applied or skipped); Lightning's global_step if it manages.
+
+        Read before the ``accumulate`` that closes a window, it is that window's step, from 0.
+        """
         if self._lightning:
             return int(getattr(self.trainer, "global_step", 0))
         return self._state.effective_step

@@ -13,7 +13,7 @@ from ._dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
-DISTRIBUTED = {"ddp.py"}
+DISTRIBUTED = {"ddp.py", "ddp_checkpoint.py"}
 
 
 def _command(name: str) -> list[str]:

@@ -176,7 +176,8 @@ class AccumState:
 
     @property
     def effective_step(self) -> int:
-        """Windows closed and stepped (applied or skipped): the step loggers should see."""
+        """Windows closed (applied or skipped). Read while a window is open, it is that
+        window's step, from 0: the step its metrics are logged at."""
         return self.optimizer_steps + self.skipped_steps
 
     @property
