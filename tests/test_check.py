@@ -96,7 +96,7 @@ def open_window_grads_halved(monkeypatch: pytest.MonkeyPatch) -> None:
     ("fault", "failing", "words"),
     [
         (short_window_not_rescaled, "gradients", r"windows of 4 and 3: max \|accumulated"),
-        (applied_counted_as_skipped, "counters", r"epoch 0, micro-batch 4: .* expected"),
+        (applied_counted_as_skipped, "counters", r"epoch 0, after 4 micro-batches: .* expected"),
         (open_window_grads_halved, "resume", r"resumed at micro-step 6 \(2 of 4 in the window\)"),
     ],
 )

@@ -13,7 +13,6 @@ import dataclasses
 import io
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import jsonargparse
@@ -42,18 +41,6 @@ def test_the_two_configs() -> None:
     assert WINDOW.max_grad_norm == SCHEDULE.max_grad_norm == 1.0  # the default
 
 
-@pytest.fixture
-def field_types() -> Iterator[None]:
-    """HfArgumentParser writes the type it picks into each ``dataclasses.Field`` (int for
-    ``int | str``): put them back so that the tests after it see the class as defined."""
-    fields = dataclasses.fields(AccumulationConfig)
-    saved = [field.type for field in fields]
-    yield
-    for field, kind in zip(fields, saved, strict=True):
-        field.type = kind
-
-
-@pytest.mark.usefixtures("field_types")
 def test_hf_argument_parser(tmp_path: Path) -> None:
     parser = HfArgumentParser(AccumulationConfig)
     argv = ["--gradient_accumulation_steps", "4", "--batch_size", "8"]

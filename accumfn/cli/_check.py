@@ -196,7 +196,7 @@ def check_counters(config: AccumulationConfig) -> str:
             wanted = (closes, 0 if closes else in_window, total, expected_steps)
             _expect(
                 seen == wanted and optimizer_steps == expected_steps,
-                f"epoch {epoch}, micro-batch {i + 1}: (stepped, in window, micro-steps, "
+                f"epoch {epoch}, after {i + 1} micro-batches: (stepped, in window, micro-steps, "
                 f"optimizer steps) = {seen}, optimizer.step() ran {optimizer_steps} times; "
                 f"expected {wanted}",
             )

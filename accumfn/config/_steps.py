@@ -21,6 +21,15 @@ _FORMS = "an int >= 1, or an epoch schedule {epoch: steps} such as {0: 2, 3: 4}"
 
 def steps_value(value: object) -> int | str:
     """``value`` checked: the int, or the schedule's text with its epochs in order."""
+    if value is None:
+        raise ConfigError(
+            "gradient_accumulation_steps: null (windows the training loop closes itself) "
+            "cannot come from a config: whether a loop closes its windows is part of its code, "
+            "which must pass is_final_batch=True on each window's last micro-batch; a config "
+            "that said so to a loop that does not would never step. Pass "
+            "accumulation_steps=None to GradientAccumulator (or accumfn.init(steps=None)) in "
+            "that loop, and leave gradient_accumulation_steps out of the config."
+        )
     table = _mapping(value) if isinstance(value, str) else value
     if isinstance(table, Mapping):
         return _text(table)
