@@ -67,8 +67,9 @@ class AccumulationStats:
     """Windows whose update was applied (``optimizer.step()`` ran)."""
     current_accumulation: int
     """Micro-batches in the open window (0 to window-1)."""
-    effective_batch_size: int
-    """Micro-batch size times the window (per process)."""
+    effective_batch_size: int | None
+    """Micro-batch size times the window (per process); None when the caller closes
+    windows (``accumulation_steps=None``), which have no planned size."""
     is_accumulating: bool
     """True while the open window holds unapplied gradients."""
     last_grad_norm: float
@@ -88,9 +89,11 @@ class GradientAccumulator:
 
     ``optimizer`` may be one optimizer or a list stepped together in each window (one
     GradScaler for all), ``scheduler`` one, a list, or zero-argument callables.
-    ``accumulation_steps`` may be an int, ``{epoch: steps}`` or a callable of the effective
-    step. With a Lightning ``trainer`` and ``accumulation_steps=1`` Lightning does the
-    accumulating and this object only reports; both accumulating raises ValueError.
+    ``accumulation_steps`` may be an int, ``{epoch: steps}``, a callable of the effective
+    step, or None: the caller closes each window, with ``is_final_batch=True`` on its last
+    micro-batch (or ``flush``), after any number of micro-batches. With a Lightning
+    ``trainer`` and ``accumulation_steps=1`` Lightning does the accumulating and this
+    object only reports; both accumulating raises ValueError.
 
     What a step needs is checked here (an optimizer needing a closure, a scheduler needing
     arguments, a GradScaler over fp16 parameters or shared with another accumulator) and
@@ -111,7 +114,7 @@ class GradientAccumulator:
         self,
         optimizer: Optimizers,
         accumulation_steps: core.StepsSpec = 1,
-        max_grad_norm: float | None = 1.0,
+        max_grad_norm: float | None = core.DEFAULT_MAX_GRAD_NORM,
         scaler: GradScaler | None = None,
         batch_size: int = 1,
         trainer: Any = None,
@@ -213,8 +216,10 @@ class GradientAccumulator:
 
         ``num_items``: item mode, as ``accumfn.accumulate``: an int, or a 0-dim integer
         tensor on any device, read only at the window's boundary.
-
-        Under Lightning management this only checks the loss and returns True.
+        ``is_final_batch=True``: the last micro-batch of the data, which closes the window
+        it is in early; with ``accumulation_steps=None``, the last micro-batch of this
+        window, which it closes (the next call opens the next window). Under Lightning
+        management this only checks the loss and returns True.
         """
         if self._lightning:
             check_loss(loss)
@@ -239,7 +244,7 @@ class GradientAccumulator:
         self._state = state
         if stepped:
             assert window is not None  # (a window closes where closes_window says it does)
-            self._step(state, window, model, last=is_final_batch)
+            self._step(state, window, model, last=is_final_batch and not state.caller_closed)
             self._warn_untracked(model, window.optimizers)
         return stepped
 
@@ -334,13 +339,17 @@ class GradientAccumulator:
         return self._lightning
 
     @property
-    def accumulation_steps(self) -> int:
-        """Size of the current window (1 under Lightning management)."""
-        return self._state.window
+    def accumulation_steps(self) -> int | None:
+        """Size of the current window (1 under Lightning management); None when the caller
+        closes windows (``accumulation_steps=None``)."""
+        return None if self._state.caller_closed else self._state.window
 
     @property
     def effective_batch_size(self) -> int:
-        """Micro-batch size times accumulation (Lightning's when it manages), per process."""
+        """Micro-batch size times accumulation (Lightning's when it manages), per process.
+
+        ConfigError when the caller closes windows (``accumulation_steps=None``): they have
+        no planned size."""
         if self._lightning:
             lightning_steps = trainer_accumulation(self.trainer) or 1
             return self._state.config.batch_size * lightning_steps
@@ -348,7 +357,10 @@ class GradientAccumulator:
 
     @property
     def effective_step(self) -> int:
-        """Windows stepped so far (applied or skipped); Lightning's global_step if it manages."""
+        """Windows closed so far (applied or skipped); Lightning's global_step if it manages.
+
+        Read before the ``accumulate`` that closes a window, it is that window's step, from 0.
+        """
         if self._lightning:
             return int(getattr(self.trainer, "global_step", 0))
         return self._state.effective_step
@@ -362,7 +374,7 @@ class GradientAccumulator:
             total_steps=total,
             optimizer_steps=self.effective_step if self._lightning else state.optimizer_steps,
             current_accumulation=state.micro_step,
-            effective_batch_size=self.effective_batch_size,
+            effective_batch_size=None if state.caller_closed else self.effective_batch_size,
             is_accumulating=state.is_accumulating,
             last_grad_norm=math.nan if norm is None else norm,
             skipped_steps=state.skipped_steps,

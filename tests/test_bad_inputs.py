@@ -87,7 +87,7 @@ def make_world(directory: Path) -> World:
     model = tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = GradScaler("cpu", init_scale=1024.0)
-    fresh = accumfn.init(4)
+    fresh = accumfn.init(4, max_grad_norm=None)
     world = World(directory, model, optimizer, scaler, fresh, fresh, fresh, None)  # type: ignore[arg-type]
     state = fresh
     for _ in range(2):
@@ -609,7 +609,7 @@ ROWS = [
     Row(
         "mid-window checkpoint of another config, `allow_config_change=True`",
         lambda w: restore(
-            capture(core.micro_step(accumfn.init(8))[0], w.optimizer),
+            capture(core.micro_step(accumfn.init(8, max_grad_norm=None))[0], w.optimizer),
             w.open,
             w.optimizer,
             allow_config_change=True,
@@ -998,7 +998,7 @@ def test_nonfinite_loss(case: NonFinite) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     scaler = GradScaler("cpu", init_scale=1024.0) if case.scaler else None
-    state = accumfn.init(2, skip_nonfinite=case.skip_nonfinite)
+    state = accumfn.init(2, skip_nonfinite=case.skip_nonfinite, max_grad_norm=None)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.ones(3, 5), torch.zeros(3, 2)
     state, _ = accumfn.accumulate(state, F.mse_loss(model(x), y), model, scaler=scaler)

@@ -52,7 +52,7 @@ BAD_COUNTS: list[tuple[Any, str]] = [
 def test_bad_num_items_is_refused_and_changes_nothing(bad: Any, message: str) -> None:
     model = mlp(0)
     x, y = data(0, 8)
-    state = accumfn.init(steps=3)
+    state = accumfn.init(steps=3, max_grad_norm=None)
     state, _ = accumfn.accumulate(state, _sum_loss(model, x[:4], y[:4]), model, num_items=4)
     grads = _grads(model)
     with pytest.raises(ConfigError, match="num_items") as error:
@@ -72,7 +72,7 @@ def test_non_integer_message_says_how_to_count() -> None:
 def test_mixing_modes_in_one_window_is_refused_and_changes_nothing(first_items: bool) -> None:
     model = mlp(1)
     x, y = data(1, 8)
-    state = accumfn.init(steps=3)
+    state = accumfn.init(steps=3, max_grad_norm=None)
     if first_items:
         first, second = _sum_loss(model, x[:4], y[:4]), nn.functional.mse_loss(model(x[4:]), y[4:])
         state, _ = accumfn.accumulate(state, first, model, num_items=4)
@@ -113,7 +113,9 @@ def test_numpy_integer_counts_are_accepted() -> None:
     x, y = data(3, 6)
     for m, count in ((model, np.int64(6)), (ref, 6)):
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
-        state, stepped = accumfn.accumulate(accumfn.init(1), _sum_loss(m, x, y), m, num_items=count)
+        state, stepped = accumfn.accumulate(
+            accumfn.init(1, max_grad_norm=None), _sum_loss(m, x, y), m, num_items=count
+        )
         assert stepped and state.window_items == 6
         accumfn.apply_step(state, opt, m)
     assert max_param_diff(model, ref) == 0
@@ -125,7 +127,7 @@ def test_mode_may_change_between_windows() -> None:
     ref = twin(model)
     x, y = data(4, 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    state = accumfn.init(steps=2)
+    state = accumfn.init(steps=2, max_grad_norm=None)
     state, _ = accumfn.accumulate(state, _sum_loss(model, x[:2], y[:2]), model, num_items=2)
     state, stepped = accumfn.accumulate(state, _sum_loss(model, x[2:6], y[2:6]), model, num_items=4)
     assert stepped
@@ -144,7 +146,7 @@ def test_unreduced_item_loss_is_refused() -> None:
     model = mlp(5)
     x, y = data(5, 4)
     per_item = nn.functional.mse_loss(model(x), y, reduction="none").sum(dim=1)
-    state = accumfn.init(2)
+    state = accumfn.init(2, max_grad_norm=None)
     with pytest.raises(LossError, match=r"loss\.sum\(\) with num_items"):
         accumfn.accumulate(state, per_item, model, num_items=4)
     assert all(p.grad is None for p in model.parameters())

@@ -18,7 +18,7 @@ from torch import nn
 from torch.amp import GradScaler
 
 from .. import core
-from ..core import AccumState, ByStep
+from ..core import AccumState, ByStep, window_progress
 from ..errors import CheckpointError, ConfigError, StateFormatError
 from ..grads import buffers, is_dtensor, optimizer_params, zero_grads_
 from ..parallel import clear_failures, exchange, strategy
@@ -96,8 +96,8 @@ def capture(
     if state.is_accumulating:
         if not state.config.sync_every_micro_step and any(is_dtensor(p) for p in params):
             raise CheckpointError(
-                f"cannot checkpoint inside a window under FSDP2 ({state.micro_step} of "
-                f"{state.window} micro-steps): FSDP2 keeps the open window's gradients "
+                f"cannot checkpoint inside a window under FSDP2 ({window_progress(state)}): "
+                f"FSDP2 keeps the open window's gradients "
                 f"unsharded inside its own parameters until the window's reduce-scatter, out "
                 f"of reach of a checkpoint. Checkpoint at a window boundary (when "
                 f"state.is_accumulating is False, e.g. right after apply_step), or build the "
@@ -181,10 +181,10 @@ def _resolve_config(
         )
     if saved.is_accumulating:
         raise CheckpointError(
-            f"the checkpoint was taken inside a window ({saved.micro_step} of {saved.window} "
-            f"micro-steps) whose gradients were scaled for the old config, so "
-            f"allow_config_change needs a checkpoint taken at a window boundary: resume under "
-            f"the old config up to the next boundary, checkpoint there, then change. "
+            f"the checkpoint was taken inside a window ({window_progress(saved)}) whose "
+            f"gradients were scaled for the old config, so allow_config_change needs a "
+            f"checkpoint taken at a window boundary: resume under the old config up to the "
+            f"next boundary, checkpoint there, then change. "
             f"Differences: {diff}."
         )
     window = current.config.schedule.window(saved.epoch, saved.effective_step)

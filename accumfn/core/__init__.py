@@ -30,9 +30,24 @@ from ._checks import check_choice as check_choice
 from ._checks import check_count as check_count
 from ._checks import check_positive_float as check_positive_float
 from ._checks import closest as closest
-from ._schedule import ByEpoch, ByStep, Constant, Schedule, StepsSpec, schedule_from
+from ._schedule import (
+    ByEpoch,
+    ByStep,
+    CallerClosed,
+    Constant,
+    Schedule,
+    StepsSpec,
+    schedule_from,
+)
 from ._serialize import FORMAT
-from ._state import AccumConfig, AccumState, MicroPlan, Normalization
+from ._state import (
+    DEFAULT_MAX_GRAD_NORM,
+    AccumConfig,
+    AccumState,
+    MicroPlan,
+    Normalization,
+    window_progress,
+)
 from ._transitions import (
     ON_DEVICE,
     check_state,
@@ -50,6 +65,7 @@ from ._transitions import (
 
 __all__ = [
     "CLOSE",
+    "DEFAULT_MAX_GRAD_NORM",
     "FORMAT",
     "ITEMS_COLUMN",
     "LOSS_COLUMN",
@@ -62,6 +78,7 @@ __all__ = [
     "AccumState",
     "ByEpoch",
     "ByStep",
+    "CallerClosed",
     "Constant",
     "MicroPlan",
     "Normalization",
@@ -91,5 +108,6 @@ __all__ = [
     "sync_next_forward",
     "window_after",
     "window_header",
+    "window_progress",
     "window_view",
 ]

@@ -75,7 +75,7 @@ class RankView:
     scale: int
     """The GradScaler's scale as ``float_bits`` (0 without one)."""
     window: int
-    """The planned window size."""
+    """The planned window size (0: the caller closes it, ``steps=None``)."""
     mean_mode: int
     """1 unless the window is in item mode (a window's size must agree only in mean mode)."""
     open: int
@@ -329,6 +329,15 @@ def identity_problem(views: Sequence[RankView], failure_notes: Sequence[str] = (
             f"only, or scalers loaded from different checkpoints); resume every rank from the "
             f"same step with the same scaler state."
         )
+    closers = [view.rank for view in views if view.window == 0]
+    if closers and len(closers) < len(views):
+        planners = [view for view in views if view.window != 0]
+        return (
+            f"rank(s) {closers} close their windows themselves (steps=None) and rank(s) "
+            f"{[v.rank for v in planners]} plan windows of {planners[0].window} micro-batches: the "
+            f"ranks would close different windows. Give every rank the same accumulation "
+            f"steps."
+        )
     if first.kind == OPEN and differ("window"):
         return (
             f"{_by_value(views, 'planning a window of', 'window')} micro-batches: with "
@@ -415,8 +424,9 @@ def agree_resume(views: Sequence[RankView], world: int) -> None:
             f"(Nothing was loaded.)"
         )
     problem = identity_problem(views)
-    # (in item mode each rank may split its batch its own way: then their counts differ)
-    same_windows = all(v.window == views[0].window for v in views)
+    # (in item mode each rank may split its batch its own way: then their counts differ; so
+    # may ranks whose windows the caller closes, window 0, in either mode)
+    same_windows = all(v.window == views[0].window for v in views) and views[0].window != 0
     apart = any(v.micro_steps != views[0].micro_steps for v in views)
     if problem is None and same_windows and apart:
         problem = (

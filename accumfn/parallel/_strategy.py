@@ -346,11 +346,11 @@ class DataParallel:
             return
         self._hook_warned = True
         warnings.warn(
-            f"a window closed after a forward that did not sync (a short final window, or "
-            f"forwards run before backwards), so accumfn averaged its gradients itself, "
-            f"exactly, without DDP's communication hook ({names}); full windows keep the "
-            f"hook. Close windows at their planned size, or use sync_every_micro_step=True, "
-            f"to run every reduction through it.",
+            f"a window closed after a forward that did not sync (a short final window, a "
+            f"window the caller closed, or forwards run before backwards), so accumfn averaged "
+            f"its gradients itself, exactly, without DDP's communication hook ({names}); full "
+            f"windows keep the hook. Close windows at their planned size, or use "
+            f"sync_every_micro_step=True, to run every reduction through it.",
             stacklevel=caller_level(),
         )
 

@@ -572,7 +572,7 @@ def step_window(
     if not core.check_state(state).closed:
         raise CallOrderError(
             "apply_step needs a closed window: call it only after accumulate(...) returned "
-            f"stepped=True (this window holds {state.micro_step} of {state.window} micro-steps)."
+            f"stepped=True (this window holds {core.window_progress(state)})."
         )
     window = prepare_step(
         state, optimizer, model, scaler, scheduler, before_step=before_step, clip_value=clip_value
