@@ -420,3 +420,50 @@ def test_a_copied_state_has_no_tally_and_its_window_loss_is_nan() -> None:
     assert stepped
     report = accumfn.step_window(closed, _sgd(model), model)
     assert math.isnan(float(report.window_loss))
+
+
+@pytest.mark.parametrize("item_mode", [True, False], ids=["items", "mean"])
+@pytest.mark.parametrize("api", ["functional", "object"])
+def test_caller_closed_windows_with_tensor_counts(api: str, item_mode: bool) -> None:
+    """``steps=None``: windows of 1, 5, 3 and 2 micro-batches closed by
+    ``is_final_batch=True``, the last one by ``flush``; counts as tensors, one read per
+    window; the update and the window's loss those of the large batch."""
+    data = make_windows(12, (1, 5, 3, 2), 2, item_mode, world=1)
+    losses, params = _reference(data, item_mode=item_mode)
+    model = token_model(0)
+    optimizer = _sgd(model)
+    accumulator = accumfn.GradientAccumulator(optimizer, None, max_grad_norm=None)
+    state = accumfn.init(None, max_grad_norm=None)
+    got: list[float] = []
+    reads: list[list[str]] = []
+    for w, window in enumerate(data):
+        for m, ranks in enumerate(window):
+            batch = ranks[0]
+            closes = m == len(window) - 1 and w < len(data) - 1  # the last: flush
+            loss = token_loss(model, batch, "sum" if item_mode else "mean")
+            count = count_of(batch, "tensor" if item_mode else None, m)
+            with HostSyncCounter() as counter:
+                if api == "object":
+                    if accumulator.accumulate(loss, model, is_final_batch=closes, num_items=count):
+                        got.append(accumulator.stats.last_window_loss)
+                else:
+                    state, stepped = accumfn.accumulate(
+                        state, loss, model, is_final_batch=closes, num_items=count
+                    )
+                    if stepped:
+                        report = accumfn.step_window(state, optimizer, model)
+                        state = report.state
+                        got.append(float(report.window_loss))
+            if not closes:
+                reads.append(counter.calls)
+    if api == "object":
+        assert accumulator.flush(model)
+        got.append(accumulator.stats.last_window_loss)
+    else:
+        state, stepped = accumfn.flush(state, model)
+        assert stepped
+        got.append(float(accumfn.step_window(state, optimizer, model).window_loss))
+    assert all(calls == [] for calls in reads)
+    assert got == pytest.approx(losses, rel=TOL, abs=TOL)
+    for p, q in zip(model.parameters(), params, strict=True):
+        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6)

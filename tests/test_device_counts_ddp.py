@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import accumfn
 from accumfn import ConfigError, core
+from accumfn.testing import HostSyncCounter
 
 from ._counted_windows import LR, accumulated_run, large_batch_losses
 from ._dist_utils import (
@@ -96,9 +97,44 @@ def _negative(rank: int) -> dict[str, Any]:
     return {"error": ""}
 
 
+CALLER_CLOSED = (2, 3, 1)
+
+
+def _caller_closed(rank: int) -> dict[str, Any]:
+    """``steps=None``: each window closed by ``is_final_batch=True``; tensor counts."""
+    model = DistributedDataParallel(token_model(0))
+    optimizer = _sgd(model)
+    state = accumfn.init(None, max_grad_norm=None)
+    accumfn.prepare_forward(state, model)
+    losses, reads = [], []
+    for window in make_windows(2, CALLER_CLOSED, 2, True):
+        for m, ranks in enumerate(window):
+            batch = ranks[rank]
+            loss = token_loss(model, batch, "sum")
+            with HostSyncCounter() as counter:
+                state, stepped = accumfn.accumulate(
+                    state,
+                    loss,
+                    model,
+                    is_final_batch=m == len(window) - 1,
+                    num_items=(batch[1] != -100).sum(),
+                )
+                if stepped:
+                    report = accumfn.step_window(state, optimizer, model)
+                    state = report.state
+                    losses.append(report.window_loss)
+            reads.append((stepped, counter.calls))
+    return {
+        "losses": [float(loss) for loss in losses],
+        "reads": reads,
+        "params": full_params(model),
+    }
+
+
 def _worker(rank: int, world: int) -> dict[str, Any]:
     results = {name: _scenario(rank, spec) for name, spec in SCENARIOS.items()}
     results["negative"] = _negative(rank)
+    results["caller-closed"] = _caller_closed(rank)
     return results
 
 
@@ -171,3 +207,19 @@ def test_a_negative_count_raises_on_every_rank_before_the_boundary_backward(
         assert "num_items was negative (-2) on a micro-batch of rank 1" in run["error"]
         assert run["micro_step"] == 2  # the boundary's exchange, before its backward
         assert run["unchanged"]
+
+
+def test_caller_closed_windows_with_tensor_counts(ranks: list[dict[str, Any]]) -> None:
+    """Each window is reduced after its last backward (DDP's forward cannot know it
+    closes): its reads are the header's and the fallback reduction's."""
+    model = token_model(0)
+    data = make_windows(2, CALLER_CLOSED, 2, True)
+    losses = large_batch_losses(model, _sgd(model), data, item_mode=True)
+    for result in ranks:
+        run = result["caller-closed"]
+        assert run["losses"] == pytest.approx(losses, rel=TOL, abs=TOL)
+        for got, want in zip(run["params"], model.parameters(), strict=True):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+        assert all(calls == [] for closed, calls in run["reads"] if not closed)
+        at_boundary = [calls for closed, calls in run["reads"] if closed]
+        assert at_boundary == [["tolist", "tolist"]] * len(CALLER_CLOSED)
