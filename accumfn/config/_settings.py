@@ -26,6 +26,7 @@ from ..core import (
 )
 from ..errors import ConfigError
 from ._names import nested_settings, never_skipped, other_name
+from ._outside import refuse_outside
 from ._steps import schedule, steps_value
 from ._yaml import read_yaml
 from .lr import LR_RULES, lr_factor
@@ -239,6 +240,7 @@ class AccumulationConfig:
         """
         data = read_yaml(Path(path))
         where = str(path)
+        document = data
         if section is not None:
             for part in section.split("."):
                 if not isinstance(data, Mapping) or part not in data:
@@ -249,6 +251,8 @@ class AccumulationConfig:
                         f"the section that holds them (None for the whole file)."
                     )
                 data = data[part]
+            names = [field.name for field in dataclasses.fields(cls)]
+            refuse_outside(document, section, names, set(ignore), where)
             where = f"{where} [{section}]"
         if not isinstance(data, Mapping):
             raise ConfigError(
