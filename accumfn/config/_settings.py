@@ -97,9 +97,20 @@ class AccumulationConfig:
     )
 
     __pydantic_config__: ClassVar[dict[str, Any]] = {
-        "json_schema_extra": lambda schema, cls: _describe(schema)
+        "extra": "forbid",
+        "json_schema_extra": lambda schema, cls: _describe(schema),
     }
-    """pydantic's settings for this stdlib dataclass: the help texts in the JSON schema."""
+    """pydantic's settings for this stdlib dataclass (a plain dict, which pydantic 2 reads
+    from it): an unknown key is an error, never dropped; the help texts in the JSON schema."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Callable[[Any], Any]) -> Any:
+        """pydantic's schema, each field strict: ``true``, ``4.0`` or ``"8"`` is refused,
+        never read as 1, 4 or 8. Strict per field, not ``"strict": True`` in the config,
+        which would refuse a dict in ``validate_python`` (only an instance passes)."""
+        schema = handler(source)
+        _strict(schema)
+        return schema
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -313,6 +324,18 @@ def _describe(schema: dict[str, Any]) -> None:
             properties[field.name]["description"] = field.metadata["help"]
     if "lr_scaling" in properties:
         properties["lr_scaling"]["enum"] = list(LR_RULES)
+
+
+def _strict(node: object) -> None:
+    """Each int, float, bool and str in a pydantic core schema made strict, in place."""
+    if isinstance(node, dict):
+        if node.get("type") in ("int", "float", "bool", "str"):
+            node["strict"] = True
+        for value in node.values():
+            _strict(value)
+    elif isinstance(node, list):
+        for value in node:
+            _strict(value)
 
 
 def _docstring_args() -> str:
