@@ -131,7 +131,8 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--section", default="training", metavar="NAME",
-        help="section of --config holding the settings (default: %(default)s)",
+        help="section of --config holding the settings, dotted for a nested one; '' for the "
+        "whole file (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--steps", type=positive_int, metavar="S",
@@ -171,7 +172,8 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--section", default="training", metavar="NAME",
-        help="section of --config holding the settings (default: %(default)s)",
+        help="section of --config holding the settings, dotted for a nested one; '' for the "
+        "whole file (default: %(default)s)",
     )  # fmt: skip
     _ignore_argument(parser)
 

@@ -242,7 +242,8 @@ class AccumulationConfig:
         ignore: Iterable[str] = (),
         only_known: bool = False,
     ) -> AccumulationConfig:
-        """Read ``section`` (dotted for nested, None for the whole file) of a YAML file.
+        """Read ``section`` (dotted for nested; None or ``""`` for the whole file, ``--section
+        ''`` on the command line) of a YAML file.
 
         The file is read as YAML 1.2 (``pip install 'accumfn[config]'`` for ruamel.yaml):
         ``3e-4`` is a number, ``010`` is 10, ``1:30`` and ``yes`` are text, and a key written
@@ -252,6 +253,8 @@ class AccumulationConfig:
         data = read_yaml(Path(path))
         where = str(path)
         document = data
+        if section == "":
+            section = None
         if section is not None:
             for part in section.split("."):
                 if not isinstance(data, Mapping) or part not in data:
@@ -259,7 +262,8 @@ class AccumulationConfig:
                     raise ConfigError(
                         f"{where} has no {section!r} section (top-level keys: {keys}); put the "
                         f"accumulation settings under '{section}:', or pass section= naming "
-                        f"the section that holds them (None for the whole file)."
+                        f"the section that holds them, None for the whole file (accumfn "
+                        f"check/plan: --section NAME, or --section '' for the whole file)."
                     )
                 data = data[part]
             names = [field.name for field in dataclasses.fields(cls)]
