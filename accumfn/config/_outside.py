@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from ..errors import ConfigError
-from ._names import OTHER_NAMES
+from ._names import OTHER_NAMES, own_name
 
 __all__ = ["refuse_outside"]
 
@@ -28,7 +28,7 @@ def refuse_outside(
         if path in ignore:
             continue
         place = "at the top level" if "." not in path else f"at {path!r}"
-        if key in names:
+        if key in names or own_name(key, names):
             raise ConfigError(
                 f"{where}: key {key!r} with value {value!r} {place} is outside the {section!r} "
                 f"section, which is the one read: it would be dropped and the default used. "
@@ -43,10 +43,10 @@ def refuse_outside(
 
 def _other_trainer(key: str, value: object, place: str, section: str) -> str | None:
     other = OTHER_NAMES.get(key.lower().replace("-", "_"))
-    if other is None or other.generic or other.field not in _DOES:
+    if other is None or other.generic or other.note or other.field not in _DOES:
         return None
     if other.field == "gradient_accumulation_steps":
-        if value == 1 and not isinstance(value, bool):
+        if value in (1, [1]) and not isinstance(value, bool):  # fairseq: update_freq: [1]
             return None
     elif value is None or (value == 0 and not isinstance(value, bool)):
         return None

@@ -25,7 +25,7 @@ from ..core import (
     closest,
 )
 from ..errors import ConfigError
-from ._names import nested_settings, never_skipped, other_name
+from ._names import nested_settings, never_skipped, other_name, own_name
 from ._outside import refuse_outside
 from ._steps import schedule, steps_value
 from ._yaml import read_yaml
@@ -409,6 +409,13 @@ def _unknown(key: str, value: object, names: list[str], section: str | None) -> 
     renamed = other_name(key, value)
     if renamed is not None:
         return renamed
+    field = own_name(key, names)
+    if field is not None:
+        return (
+            f"key {key!r} with value {value!r}: did you mean {field!r}? accumfn's keys are "
+            f"written in lower case with underscores, as the field names (never a setting "
+            f"dropped silently): write {field}: {value!r}."
+        )
     return (
         f"unknown key {key!r} with value {value!r}{closest(key, names)}. Known keys: "
         f"{', '.join(names)}. Fix the spelling, or pass ignore=[{key!r}] (accumfn check/plan: "
