@@ -230,6 +230,7 @@ def plan_text(
     if batch_size is not None and steps is not None and target is None:
         settings = AccumulationConfig(gradient_accumulation_steps=steps, batch_size=batch_size)
         table = format_batch_table(settings, devices, mark="this")
+        table += f"\nclipping: {clipping_text(settings.max_grad_norm)}"
         code = (
             f"GradientAccumulator(optimizer, accumulation_steps={steps}, batch_size={batch_size})"
         )
