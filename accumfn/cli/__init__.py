@@ -73,6 +73,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from ..config import clipping_text
     from .demo import DemoSettings, run_demo
 
     settings = DemoSettings(
@@ -86,6 +87,7 @@ def _demo(args: argparse.Namespace) -> int:
         settings, args.out, use_wandb=not args.no_wandb, progress=not args.no_progress
     )
     print(result.verdict)
+    print(f"clipping: {clipping_text(settings.max_grad_norm)}, in all three runs")
     print("files:")
     for name, path in result.files.items():
         print(f"  {name:<8} {path}")

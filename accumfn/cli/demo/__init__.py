@@ -11,7 +11,6 @@ from typing import Any
 import attrs
 import torch
 
-from ...config import clipping_text
 from ...errors import install_hint
 from ...metrics import JsonlSink, MetricsTracker, Sink, WandbSink
 from ._report import plot, verdict
@@ -67,7 +66,6 @@ def run_demo(
     plot's x axis). Each row of metrics.jsonl holds both workloads' values for that step.
     """
     out.mkdir(parents=True, exist_ok=True)
-    echo(f"clipping: {clipping_text(settings.max_grad_norm)}, in all three runs")
     files = {"metrics": str(out / "metrics.jsonl")}
     sinks: list[Sink] = [JsonlSink(files["metrics"])]
     wandb_sink = _wandb_sink(out, settings) if use_wandb else None
