@@ -81,11 +81,20 @@ def test_other_trainers_no_op_outside_the_section_is_read(outside: str, tmp_path
 def test_a_key_outside_the_section_that_the_code_reads_is_ignored_by_its_path(
     tmp_path: Path,
 ) -> None:
-    path = write(tmp_path, f"optimizer:\n  learning_rate: 0.1\n{SECTION}")
-    with pytest.raises(ConfigError, match=re.escape("pass ignore=['optimizer.learning_rate']")):
+    path = write(tmp_path, f"learning_rate: 0.1\n{SECTION}")
+    with pytest.raises(ConfigError, match=re.escape("pass ignore=['learning_rate']")):
         AccumulationConfig.from_yaml(path)
-    config = AccumulationConfig.from_yaml(path, ignore=["optimizer.learning_rate"])
+    config = AccumulationConfig.from_yaml(path, ignore=["learning_rate"])
     assert config == AccumulationConfig(batch_size=8)
+
+
+def test_other_sections_own_batch_size_and_learning_rate_are_theirs(tmp_path: Path) -> None:
+    outside = "optimizer:\n  learning_rate: 0.1\ndata:\n  batch_size: 64\n"
+    path = write(tmp_path, f"{outside}{SECTION}")
+    assert AccumulationConfig.from_yaml(path) == AccumulationConfig(batch_size=8)
+    nested = write(tmp_path, f"optimizer:\n  max_grad_norm: 0.5\n{SECTION}")
+    with pytest.raises(ConfigError, match="'optimizer.max_grad_norm'"):
+        AccumulationConfig.from_yaml(nested)
 
 
 def test_the_whole_file_has_no_outside(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 With ``section="training"``, ``gradient_accumulation_steps: 4`` at the top level of the file
 would be read as the default 1. Every key of the document outside the section is looked at:
-accumfn's own field names are refused wherever they are, and another trainer's name for
+accumfn's own field names are refused at the top level, and inside another section too
+unless they are names every part of a training config uses for its own settings
+(``batch_size`` of a data section, ``learning_rate`` of an optimizer's); another trainer's name for
 accumulation or clipping (``OTHER_NAMES``) is refused unless it holds that trainer's no-op
 (accumulation 1, clipping None or 0), since that trainer would accumulate or clip as well.
 """
@@ -18,6 +20,8 @@ from ._names import OTHER_NAMES, own_name
 __all__ = ["refuse_outside"]
 
 _DOES = {"gradient_accumulation_steps": "accumulate", "max_grad_norm": "clip"}
+_SHARED = frozenset({"batch_size", "learning_rate"})
+"""Names other sections use for their own settings: refused outside only at the top level."""
 
 
 def refuse_outside(
@@ -28,7 +32,8 @@ def refuse_outside(
         if path in ignore:
             continue
         place = "at the top level" if "." not in path else f"at {path!r}"
-        if key in names or own_name(key, names):
+        nested = "." in path or "[" in path
+        if (key in names or own_name(key, names)) and not (nested and key in _SHARED):
             raise ConfigError(
                 f"{where}: key {key!r} with value {value!r} {place} is outside the {section!r} "
                 f"section, which is the one read: it would be dropped and the default used. "
