@@ -93,7 +93,7 @@ def test_other_sections_own_batch_size_and_learning_rate_are_theirs(tmp_path: Pa
     path = write(tmp_path, f"{outside}{SECTION}")
     assert AccumulationConfig.from_yaml(path) == AccumulationConfig(batch_size=8)
     nested = write(tmp_path, f"optimizer:\n  max_grad_norm: 0.5\n{SECTION}")
-    with pytest.raises(ConfigError, match="'optimizer.max_grad_norm'"):
+    with pytest.raises(ConfigError, match=re.escape("'optimizer.max_grad_norm'")):
         AccumulationConfig.from_yaml(nested)
 
 
