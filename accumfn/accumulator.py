@@ -24,6 +24,7 @@ from .step import (
     accumulate,
     as_optimizers,
     as_schedulers,
+    check_foreign_optimizer,
     check_fp16_with_scaler,
     check_hooks,
     check_loss,
@@ -31,8 +32,10 @@ from .step import (
     check_steppable,
     claim_scaler,
     flush,
+    guard_for,
     prepare_forward,
     prepare_step,
+    report_dropped,
     reset_epoch,
     run_step,
     warn_untracked,
@@ -118,6 +121,8 @@ class GradientAccumulator:
         optimizers = as_optimizers(optimizer)
         clip_value = check_hooks(before_step, clip_value)
         check_steppable(optimizers)
+        for item in optimizers:  # Accelerate's, DeepSpeed's, Fabric's: refused up front
+            check_foreign_optimizer(item, accumulation_steps)
         as_schedulers(scheduler)
         check_scaler(scaler)
         check_fp16_with_scaler(window_params(optimizers), scaler, grads=False)
@@ -147,6 +152,14 @@ class GradientAccumulator:
         self._model: nn.Module | None = None
         self._warned: tuple[nn.Module, Optimizers] | None = None
         """The model and optimizer(s) last looked at for trainable parameters left out."""
+
+    def __del__(self) -> None:
+        """Warn once if the open window was never applied (``UnappliedWindowWarning``)."""
+        try:
+            if not self.__dict__.get("_lightning", False):
+                report_dropped(self.__dict__.get("_model"))
+        except Exception:  # at interpreter shutdown, the modules may be gone
+            pass
 
     def __setstate__(self, saved: dict[str, Any]) -> None:
         """Unpickle, also one pickled by an earlier version (settings kept as ``_name``)."""
@@ -179,6 +192,13 @@ class GradientAccumulator:
         """
         self._model = model
         prepare_forward(self._state, model, process_group=process_group)
+        self._watch(model)
+
+    def _watch(self, model: nn.Module) -> None:
+        """Guard the model's windows for this accumulator's optimizers from the first
+        micro-step on (a loop's leftover zero_grad or step)."""
+        window = self._state.window
+        guard_for(model, window=window).watch(as_optimizers(self.optimizer), window)
 
     def accumulate(
         self,
@@ -197,6 +217,7 @@ class GradientAccumulator:
             return True
         if model is not self._model:
             check_model(model, hint=_MODEL_HINT)
+            self._watch(model)
             self._model = model
         state = self._state
         window = None

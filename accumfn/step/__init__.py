@@ -6,6 +6,10 @@
   clip, skip, optimizer, scheduler; and ``reset_epoch``.
 - ``_window``: what a window's step covers (its parameter set) and the checks made on it
   before anything changes.
+- ``_guard``: nothing but accumfn touches an open window: a loop's leftover ``zero_grad``
+  or ``step``, optimizers stepped inside backward, a window never applied.
+- ``_foreign``: other trainers' objects (Accelerate, DeepSpeed, Lightning Fabric) refused
+  before they make a window wrong, or driven where that is exact.
 
 ``__all__`` is the functional API (``accumfn`` re-exports it); the other names serve
 ``GradientAccumulator``.
@@ -17,6 +21,12 @@ from ._apply import check_hooks as check_hooks
 from ._apply import check_model as check_model
 from ._apply import prepare_step as prepare_step
 from ._apply import run_step as run_step
+from ._foreign import check_foreign_optimizer as check_foreign_optimizer
+from ._guard import all_guards as all_guards
+from ._guard import existing_guard as existing_guard
+from ._guard import guard_for as guard_for
+from ._guard import guards_of as guards_of
+from ._guard import report_dropped as report_dropped
 from ._window import LRScheduler, Optimizers, Schedulers
 from ._window import as_optimizers as as_optimizers
 from ._window import as_schedulers as as_schedulers

@@ -15,6 +15,7 @@ from .. import parallel as distributed
 from ..core import AccumState
 from ..errors import CallOrderError, ConfigError, LossError
 from ..grads import buffers, check_scaler
+from ._guard import guard_for
 from ._window import enabled
 
 __all__ = ["accumulate", "check_loss", "flush", "micro_step_context", "prepare_forward"]
@@ -112,6 +113,8 @@ def accumulate(
         state, is_final_batch=is_final_batch, num_items=num_items, scaled=scaler is not None
     )
     parallel = distributed.strategy(model)
+    guard = guard_for(model, parallel, state.window)
+    guard.check(state)  # a loop's zero_grad or step inside the window: refused before anything
     plain = parallel.kind == "plain"  # one process, no DDP/FSDP: no sync flag, no header
     wide = None if state.config.accum_dtype is None else _wide(state, parallel)
     totals = None
@@ -129,7 +132,7 @@ def accumulate(
     if scaler is not None:
         scaled = scaler.scale(scaled)
     try:
-        torch.autograd.backward(scaled)
+        guard.backward(scaled)
     except RuntimeError as exc:
         if "backward through the graph a second time" not in str(exc):
             raise
@@ -140,11 +143,17 @@ def accumulate(
         ) from exc
     if plain and wide is None:
         if plan.boundary:
+            guard.closed(new_state)
             return core.close_window(new_state), True
+        guard.note(new_state)
         return new_state, False
     parallel.backward_done()
     if wide is not None:
-        buffers.stash_(buffers.stash_params(parallel.model), wide)
+        buffers.stash_(buffers.stash_params(parallel.model), wide, keep=guard.keep)
+    if plan.boundary:
+        guard.closed(new_state)
+    else:
+        guard.note(new_state)
     if plain:
         if not plan.boundary:
             return new_state, False
@@ -195,6 +204,8 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
     reduced = parallel.kind == "plain" or (
         state.config.sync_every_micro_step and parallel.kind in ("ddp", "fsdp2")
     )
+    guard = guard_for(model, parallel, state.window)
+    guard.check(state)
     parallel.refuse_join()
     totals, fallback = parallel.agree(state, final=True, reduces=reduced)
     if totals.open == 0:
@@ -206,4 +217,6 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
             "out of accumfn's reach. Build the state with sync_every_micro_step=True, or pass "
             "is_final_batch=True on the last micro-batch."
         )
-    return _close_together(state, parallel, totals, fallback, _wide(state, parallel)), True
+    closed = _close_together(state, parallel, totals, fallback, _wide(state, parallel))
+    guard.closed(closed)
+    return closed, True
