@@ -113,7 +113,7 @@ def accumulate(
         state, is_final_batch=is_final_batch, num_items=num_items, scaled=scaler is not None
     )
     parallel = distributed.strategy(model)
-    guard = guard_for(model, parallel, state.window)
+    guard = parallel.guard or guard_for(model, parallel, state.window)
     guard.check(state)  # a loop's zero_grad or step inside the window: refused before anything
     plain = parallel.kind == "plain"  # one process, no DDP/FSDP: no sync flag, no header
     wide = None if state.config.accum_dtype is None else _wide(state, parallel)
@@ -132,9 +132,13 @@ def accumulate(
     if scaler is not None:
         scaled = scaler.scale(scaled)
     try:
-        guard.backward(scaled)
-    except RuntimeError as exc:
-        if "backward through the graph a second time" not in str(exc):
+        if guard.hooked:  # post-accumulate-grad hooks: no optimizer may step inside
+            guard.backward(scaled)
+        else:
+            torch.autograd.backward(scaled)
+    except BaseException as exc:
+        guard.failed()
+        if not isinstance(exc, RuntimeError) or "a second time" not in str(exc):
             raise
         raise LossError(
             "this loss's graph was already used by a backward pass: accumulate runs backward "

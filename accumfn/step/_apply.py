@@ -486,7 +486,7 @@ def run_step(
     state: AccumState, window: _Window, model: nn.Module, *, grad_norm: bool = False
 ) -> StepReport:
     """Carry out a checked window (see ``step_window``)."""
-    guard = existing_guard(model)
+    guard = distributed.strategy(model).guard
     if guard is not None:
         guard.applied()  # closed before: only accumfn steps its optimizers from here
     progress: _Progress = window

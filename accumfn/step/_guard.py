@@ -59,8 +59,6 @@ __all__ = [
     "report_dropped",
 ]
 
-_Record = tuple[tuple[torch.Tensor, torch.Tensor | None, int], ...]
-
 
 def _smallest(params: Iterable[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The smallest trainable parameter (cheap to keep a gradient of), as a 0- or 1-tuple."""
@@ -119,8 +117,6 @@ class _StepHook:
         guard = None if self.guard is None else self.guard()
         if guard is None:
             return
-        if guard.in_backward:
-            raise _in_backward_error(optimizer, undone=False)
         if guard.open and guard.intact():
             raise CallOrderError(guard.step_message(optimizer))
 
@@ -140,24 +136,44 @@ def _hook_target(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | No
     return None
 
 
+class _Sentinel:
+    """One parameter whose ``.grad`` (tensor and version counter) is recorded."""
+
+    __slots__ = ("grad", "param", "version")
+
+    def __init__(self, param: torch.Tensor) -> None:
+        self.param = param
+        self.grad: torch.Tensor | None = None
+        self.version = 0
+
+    def read(self) -> None:
+        grad = self.grad = self.param.grad
+        self.version = 0 if grad is None else grad._version
+
+    def moved(self) -> bool:
+        return self.grad is not None and self.grad._version != self.version
+
+
 class WindowGuard:
     """The guard of one model's open window (see the module's doc)."""
 
     __slots__ = (
         "__weakref__",
         "ddp",
+        "grad",
         "hooked",
-        "in_backward",
         "keep",
         "model",
         "name",
         "open",
         "optimizers",
+        "others",
+        "param",
         "pending",
         "probed",
-        "record",
-        "sentinels",
+        "recorded",
         "state",
+        "version",
         "warned",
     )
 
@@ -166,19 +182,24 @@ class WindowGuard:
         self.model = weakref.ref(inner)
         self.name = type(inner).__name__
         params = [param for param in inner.parameters() if param.requires_grad]
-        self.sentinels: tuple[torch.Tensor, ...] = (
-            () if parallel.kind == "fsdp2" else (_smallest(params))
-        )
-        """Parameters whose ``.grad`` is recorded after each backward."""
-        self.keep = frozenset(id(param) for param in self.sentinels)
+        # The sentinels: parameters whose .grad (tensor, version) is recorded after each
+        # backward; the first one's record lives in param/grad/version (the micro-step's
+        # cost), the others' (one per further optimizer) in ``others``.
+        self.param: torch.Tensor | None = None
+        self.grad: torch.Tensor | None = None
+        self.version = 0
+        self.others: list[_Sentinel] = []
+        self.keep: frozenset[int] = frozenset()
         """Ids of the sentinels, whose ``.grad`` ``accum_dtype`` zeroes instead of clearing."""
+        if parallel.kind != "fsdp2":  # FSDP2's are not .grad until the window's sync
+            self._sentinels(_smallest(params))
         self.hooked = _has_post_hooks(params)
         self.probed = False
         """A backward with the post-accumulate-grad hooks ran without stepping."""
-        self.record: _Record | None = None
+        self.recorded = False
+        """The sentinels hold what accumfn's last backward left in this window."""
         self.open = False
         """The window holds micro-batches and is not closed: no optimizer may step."""
-        self.in_backward = False
         self.state: AccumState | None = None
         """The state the last micro-step left: a window continues from it."""
         self.pending = False
@@ -190,14 +211,23 @@ class WindowGuard:
         self.ddp = weakref.ref(ddp) if rebuilds and not ddp._has_rebuilt_buckets else None  # type: ignore[union-attr]
         """DDP before its one-time bucket rebuild, which moves ``.grad`` into its buckets."""
 
+    def _sentinels(self, params: Sequence[torch.Tensor]) -> None:
+        self.param = params[0] if params else None
+        self.grad = None
+        self.others = [_Sentinel(param) for param in params[1:]]
+        self.keep = frozenset(id(param) for param in params)
+        self.recorded = False
+
     # -- the window's optimizers ---------------------------------------------------------------
     def watch(self, optimizers: Sequence[torch.optim.Optimizer], window: object) -> None:
         """Take the window's optimizers (known to ``GradientAccumulator`` from the start, to
         the functional API from the first step): their parameters are the sentinels, and
         their steps are hooked. Nothing to do when they are those already watched."""
         known = self.optimizers
-        if len(known) == len(optimizers) and all(
-            ref() is optimizer for ref, optimizer in zip(known, optimizers, strict=True)
+        if len(known) == len(optimizers) and (
+            known[0]() is optimizers[0]
+            if len(known) == 1
+            else all(ref() is item for ref, item in zip(known, optimizers, strict=True))
         ):
             return
         for optimizer in optimizers:
@@ -207,8 +237,7 @@ class WindowGuard:
             params = list(optimizer_params(optimizer))
             sentinels.extend(_smallest(params))
             self.hooked = self.hooked or _has_post_hooks(params)
-        self.sentinels = tuple(sentinels)
-        self.keep = frozenset(id(param) for param in sentinels)
+        self._sentinels(sentinels)
         self.optimizers = tuple(weakref.ref(optimizer) for optimizer in optimizers)
         for optimizer in optimizers:
             target = _hook_target(optimizer)
@@ -225,27 +254,45 @@ class WindowGuard:
         """Raise ``CallOrderError`` if a recorded gradient changed since accumfn's backward,
         when ``state`` continues the window (a fresh or another state starts its own)."""
         if state is not self.state:
+            self.recorded = False
             return
-        found = self._changed()
-        if found is not None:
-            raise CallOrderError(self._touched_message(*found))
+        if self.recorded:
+            param = self.param
+            if param is not None:
+                now = param.grad
+                if now is not self.grad or (now is not None and now._version != self.version):
+                    self._changed(now, self.grad)
+            if self.others:
+                for sentinel in self.others:
+                    now = sentinel.param.grad
+                    if now is not sentinel.grad or (now is not None and sentinel.moved()):
+                        self._changed(now, sentinel.grad)
 
     def intact(self) -> bool:
-        """The recorded gradients are as accumfn's backward left them."""
-        return self._changed() is None
+        """The recorded gradients are as accumfn's backward left them (read on a step)."""
+        try:
+            self.check(self.state)  # type: ignore[arg-type]
+        except CallOrderError:
+            return False
+        return True
 
-    def _changed(self) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
-        record = self.record
-        if record is None:
-            return None
-        for param, grad, version in record:
-            now = param.grad
-            if now is grad and (now is None or now._version == version):
-                continue
-            if now is not None and grad is not None and self._rebuilt():
-                continue
-            return now, grad
-        return None
+    def _changed(self, now: torch.Tensor | None, grad: torch.Tensor | None) -> None:
+        """A sentinel's gradient differs from the record: DDP's bucket rebuild (let through,
+        recorded anew), or anything else: raised."""
+        if now is not None and grad is not None and self._rebuilt():
+            self._read()
+            self.ddp = None  # it rebuilds once
+            return
+        raise CallOrderError(self._touched_message(now, grad))
+
+    def _read(self) -> None:
+        """Record the sentinels' gradients as they are."""
+        param = self.param
+        if param is not None:
+            grad = self.grad = param.grad
+            self.version = 0 if grad is None else grad._version
+        for sentinel in self.others:
+            sentinel.read()
 
     def _rebuilt(self) -> bool:
         """DDP rebuilt its buckets since the record (once in a run): ``.grad`` moved there."""
@@ -253,39 +300,26 @@ class WindowGuard:
         return ddp is not None and bool(ddp._has_rebuilt_buckets)
 
     def backward(self, tensor: torch.Tensor) -> None:
-        """``torch.autograd.backward(tensor)``, refusing optimizers stepped inside it."""
-        if not self.hooked:
-            self.in_backward = True
-            try:
-                torch.autograd.backward(tensor)
-            except BaseException:
-                self._rerecord()  # what accumfn's (failed) backward left is not a loop's doing
-                raise
-            finally:
-                self.in_backward = False
-            return
+        """``torch.autograd.backward(tensor)`` for a model whose parameters carry
+        post-accumulate-grad hooks: an optimizer stepped inside it is refused, and the first
+        such backward is undone (its gradients put back), so the refusal changes nothing."""
         snapshot = None if self.probed else self._snapshot()
         handle = register_optimizer_step_pre_hook(_refuse_in_backward)
-        self.in_backward = True
         try:
             torch.autograd.backward(tensor)
         except _SteppedInBackward as exc:
             if snapshot is not None:
                 for param, grad in snapshot:
                     param.grad = grad
-            self._rerecord()
             raise _in_backward_error(exc.optimizer, undone=snapshot is not None) from None
-        except BaseException:
-            self._rerecord()
-            raise
         finally:
-            self.in_backward = False
             handle.remove()
         self.probed = True
 
-    def _rerecord(self) -> None:
-        if self.record is not None:
-            self._record()
+    def failed(self) -> None:
+        """After a backward that raised: what it left is accumfn's doing, not a loop's."""
+        if self.recorded:
+            self._read()
 
     def _snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """The window's gradients before a backward that may have to be undone."""
@@ -304,35 +338,35 @@ class WindowGuard:
     # -- what happened to the window -----------------------------------------------------------
     def note(self, state: AccumState) -> None:
         """After accumfn's backward of a micro-step that left the window open."""
-        self.open = True
         self.state = state
         self.pending = True
-        self._record()
-        if self.ddp is not None and self._rebuilt():
-            self.ddp = None
-
-    def _record(self) -> None:
-        sentinels = self.sentinels
-        if len(sentinels) == 1:
-            param = sentinels[0]
-            grad = param.grad
-            self.record = ((param, grad, 0 if grad is None else grad._version),)
+        if self.recorded:
+            grad = self.grad  # accumulated in place: the same tensor, a new version
+            if grad is not None:
+                self.version = grad._version
+            elif self.param is not None:
+                grad = self.grad = self.param.grad
+                self.version = 0 if grad is None else grad._version
+            if self.others:
+                for sentinel in self.others:
+                    sentinel.read()
             return
-        self.record = tuple(
-            (param, param.grad, 0 if param.grad is None else param.grad._version)
-            for param in sentinels
-        )
+        self.open = True
+        self._read()
+        self.recorded = True
+        if self.ddp is not None and self._rebuilt():
+            self.ddp = None  # rebuilt, with no gradient to move: nothing to let through
 
     def closed(self, state: AccumState) -> None:
         """The window closed; its step comes next (accumfn's, so optimizers may step)."""
-        self.record = None
+        self.recorded = False
         self.open = False
         self.state = state
         self.pending = True
 
     def applied(self) -> None:
         """The window's step ran (or it was dropped): nothing is left to apply."""
-        self.record = None
+        self.recorded = False
         self.open = False
         self.state = None
         self.pending = False
@@ -345,9 +379,9 @@ class WindowGuard:
 
     def restored(self, state: AccumState) -> None:
         """A checkpoint put an open window's gradients back (it lives in the file too)."""
-        self.record = None
+        self.recorded = False
         self.open = state.is_accumulating and not state.closed
-        self.state = state
+        self.state = None
         self.pending = False
         self.warned = False
 
@@ -424,27 +458,25 @@ _FUNCTIONAL_FIX = (
 )
 
 _GUARDS: weakref.WeakKeyDictionary[nn.Module, WindowGuard] = weakref.WeakKeyDictionary()
-_last: tuple[weakref.ref[nn.Module], WindowGuard] | None = None
-"""The model asked about last and its guard: most runs train one model."""
 _exiting = False
 
 
 def guard_for(
     model: nn.Module, parallel: distributed.DataParallel | None = None, window: object = "?"
 ) -> WindowGuard:
-    """The model's guard, made on first use (``window``: accumfn's, for the message of a
-    model another trainer accumulates for, refused then)."""
-    global _last
-    last = _last
-    if last is not None and last[0]() is model:
-        return last[1]
+    """The model's guard, made on first use and kept on its strategy (``window``:
+    accumfn's, for the message of a model another trainer accumulates for, refused then)."""
+    parallel = parallel or distributed.strategy(model)
+    guard: WindowGuard | None = parallel.guard
+    if guard is not None:
+        return guard
     guard = _GUARDS.get(model)
     if guard is None:
         check_foreign_model(model, window)
-        guard = WindowGuard(model, parallel or distributed.strategy(model))
+        guard = WindowGuard(model, parallel)
         _GUARDS[model] = guard
         weakref.finalize(model, guard.gone).atexit = False
-    _last = (weakref.ref(model), guard)
+    parallel.guard = guard
     return guard
 
 
