@@ -102,6 +102,20 @@ def test_accelerate_accumulating_too_is_a_conflict_before_anything_changes() -> 
     assert same(before, _snapshot(model, optimizer)), "the refusal changed something"
 
 
+def test_accelerate_fp16_loss_scaling_is_refused() -> None:
+    """Accelerate's fp16 scales the loss in accelerator.backward, which accumfn never calls."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    Accelerator(cpu=True)
+    model = mlp(6)
+    scaled = AcceleratedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu")
+    )
+    with pytest.raises(ConfigError, match=r"mixed_precision='fp16'.*GradScaler"):
+        accumfn.GradientAccumulator(scaled, STEPS)
+
+
 def test_fabric_on_one_device_is_driven_exactly() -> None:
     from lightning.fabric import Fabric
 

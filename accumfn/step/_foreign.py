@@ -4,8 +4,8 @@ An Accelerate-prepared optimizer skips every ``step()`` outside its own windows,
 DeepSpeed engine or Lightning Fabric's scaled precision run backward and the step their own
 way: with accumfn's window on top, the update is silently wrong. They are refused before
 anything changes (Accelerate with the same conflict error as Lightning's), and driven where
-that is exact: Accelerate with ``gradient_accumulation_steps=1``, Fabric on one device
-without a loss scaler.
+that is exact: Accelerate with ``gradient_accumulation_steps=1`` and no fp16 loss scaler,
+Fabric on one device without a loss scaler.
 """
 
 from __future__ import annotations
@@ -70,6 +70,16 @@ def check_foreign_optimizer(optimizer: object, window: object) -> None:
         found = _accelerate_steps(getattr(gradient_state, "__dict__", None))
         if found is not None and (found[0] > 1 or not found[1]):
             raise _accelerate_conflict(window, found[0], "optimizer")
+        if getattr(optimizer, "scaler", None) is not None:
+            raise ConfigError(
+                "this optimizer is Accelerate's (AcceleratedOptimizer) under "
+                "mixed_precision='fp16', whose GradScaler scales the loss in "
+                "accelerator.backward, which accumfn's accumulate does not call, and unscales "
+                "it in the optimizer's step, so the update would be divided by the loss scale. "
+                "Use mixed_precision='bf16' or 'no' with accumfn, or give accumfn the "
+                "unwrapped optimizer (optimizer.optimizer) and a GradScaler of your own "
+                "(scaler=)."
+            )
     fabric = foreign_name(optimizer, "lightning.fabric") or foreign_name(
         optimizer, "lightning_fabric"
     )
