@@ -150,6 +150,8 @@ class GradientAccumulator:
         self._norm: torch.Tensor | None = None
         self._track_grad_norm = track_grad_norm
         self._model: nn.Module | None = None
+        self._watched: nn.Module | None = None
+        """The model whose window guard watches this accumulator's optimizers."""
         self._warned: tuple[nn.Module, Optimizers] | None = None
         """The model and optimizer(s) last looked at for trainable parameters left out."""
 
@@ -169,6 +171,7 @@ class GradientAccumulator:
             if name:
                 setattr(self, name, value)
         self.__dict__.setdefault("_warned", None)
+        self.__dict__.setdefault("_watched", None)
 
     # -- the step ---------------------------------------------------------------------------
     def _prepare_step(self, state: AccumState, model: nn.Module, *, early: bool = False) -> Any:
@@ -192,13 +195,6 @@ class GradientAccumulator:
         """
         self._model = model
         prepare_forward(self._state, model, process_group=process_group)
-        self._watch(model)
-
-    def _watch(self, model: nn.Module) -> None:
-        """Guard the model's windows for this accumulator's optimizers from the first
-        micro-step on (a loop's leftover zero_grad or step)."""
-        window = self._state.window
-        guard_for(model, window=window).watch(as_optimizers(self.optimizer), window)
 
     def accumulate(
         self,
@@ -215,10 +211,15 @@ class GradientAccumulator:
             check_loss(loss)
             self._lightning_calls += 1
             return True
-        if model is not self._model:
-            check_model(model, hint=_MODEL_HINT)
-            self._watch(model)
-            self._model = model
+        if model is not self._watched:
+            if model is not self._model:
+                check_model(model, hint=_MODEL_HINT)
+            # The model's window guard watches the optimizers from the first micro-step on
+            # (a loop's leftover zero_grad or step); a wrapper built at the first forward
+            # (composable replicate) exists by now, so judging the model here is right.
+            size = self._state.window
+            guard_for(model, window=size).watch(as_optimizers(self.optimizer), size)
+            self._model = self._watched = model
         state = self._state
         window = None
         if core.closes_window(state, is_final_batch):

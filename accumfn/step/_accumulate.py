@@ -147,8 +147,9 @@ def accumulate(
         ) from exc
     if plain and wide is None:
         if plan.boundary:
-            guard.closed(new_state)
-            return core.close_window(new_state), True
+            closed = core.close_window(new_state)
+            guard.closed(closed)
+            return closed, True
         guard.note(new_state)
         return new_state, False
     parallel.backward_done()

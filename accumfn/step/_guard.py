@@ -22,11 +22,13 @@ torchtune's "optimizer in backward"), and a window never applied at the end. One
   ``GradientAccumulator``) is garbage-collected is reported once
   (``UnappliedWindowWarning``), unless a checkpoint of it was taken.
 
-Cost on a micro-step: a lookup of the model's guard, and a few attribute reads and writes
-per optimizer; no host-device sync.
+Cost on a micro-step that continues a window: the guard is an attribute of the model's
+strategy; the sentinel's ``.grad`` and its version are read before the backward and the
+version once after (the gradient accumulates in place): a few attribute reads, no
+host-device sync (see docs/benchmarks.md for the measured figure).
 
 Legitimate writers set the guard themselves: accumfn's backward (``note``), the window's
-close and step (``closed``, ``applied``), ``reset_epoch`` (``dropped``), a checkpoint
+close and step (``closed``, ``applied``), ``reset_epoch`` (``applied``), a checkpoint
 (``saved``, ``restored``). DDP's one-time bucket rebuild (``gradient_as_bucket_view``),
 which moves the gradients into its buckets at the forward after its first synced
 backward, is recognised and let through.
@@ -163,15 +165,14 @@ class WindowGuard:
         "grad",
         "hooked",
         "keep",
+        "left",
         "model",
         "name",
         "open",
         "optimizers",
         "others",
         "param",
-        "pending",
         "probed",
-        "recorded",
         "state",
         "version",
         "warned",
@@ -191,19 +192,18 @@ class WindowGuard:
         self.others: list[_Sentinel] = []
         self.keep: frozenset[int] = frozenset()
         """Ids of the sentinels, whose ``.grad`` ``accum_dtype`` zeroes instead of clearing."""
+        self.state: AccumState | None = None
+        """The state the last micro-step returned with its window open, while the record
+        holds what that micro-step's backward left: the next micro-step continues from it."""
         if parallel.kind != "fsdp2":  # FSDP2's are not .grad until the window's sync
             self._sentinels(_smallest(params))
         self.hooked = _has_post_hooks(params)
         self.probed = False
         """A backward with the post-accumulate-grad hooks ran without stepping."""
-        self.recorded = False
-        """The sentinels hold what accumfn's last backward left in this window."""
         self.open = False
         """The window holds micro-batches and is not closed: no optimizer may step."""
-        self.state: AccumState | None = None
-        """The state the last micro-step left: a window continues from it."""
-        self.pending = False
-        """The window of ``state`` holds micro-batches not applied (nor saved)."""
+        self.left: AccumState | None = None
+        """The state of a window whose micro-batches are not applied (nor saved)."""
         self.warned = False
         self.optimizers: tuple[weakref.ref[torch.optim.Optimizer], ...] = ()
         ddp = parallel.ddp
@@ -216,7 +216,7 @@ class WindowGuard:
         self.grad = None
         self.others = [_Sentinel(param) for param in params[1:]]
         self.keep = frozenset(id(param) for param in params)
-        self.recorded = False
+        self.state = None  # nothing recorded of these yet
 
     # -- the window's optimizers ---------------------------------------------------------------
     def watch(self, optimizers: Sequence[torch.optim.Optimizer], window: object) -> None:
@@ -254,24 +254,25 @@ class WindowGuard:
         """Raise ``CallOrderError`` if a recorded gradient changed since accumfn's backward,
         when ``state`` continues the window (a fresh or another state starts its own)."""
         if state is not self.state:
-            self.recorded = False
+            self.state = None  # a window of its own: recorded anew after its backward
             return
-        if self.recorded:
-            param = self.param
-            if param is not None:
-                now = param.grad
-                if now is not self.grad or (now is not None and now._version != self.version):
-                    self._changed(now, self.grad)
-            if self.others:
-                for sentinel in self.others:
-                    now = sentinel.param.grad
-                    if now is not sentinel.grad or (now is not None and sentinel.moved()):
-                        self._changed(now, sentinel.grad)
+        param = self.param
+        if param is not None:
+            now = param.grad
+            if now is not self.grad or (now is not None and now._version != self.version):
+                self._changed(now, self.grad)
+        if self.others:
+            for sentinel in self.others:
+                now = sentinel.param.grad
+                if now is not sentinel.grad or (now is not None and sentinel.moved()):
+                    self._changed(now, sentinel.grad)
 
     def intact(self) -> bool:
-        """The recorded gradients are as accumfn's backward left them (read on a step)."""
+        """The recorded gradients are as accumfn's backward left them (asked at a step)."""
+        if self.state is None:
+            return True
         try:
-            self.check(self.state)  # type: ignore[arg-type]
+            self.check(self.state)
         except CallOrderError:
             return False
         return True
@@ -285,6 +286,11 @@ class WindowGuard:
             return
         raise CallOrderError(self._touched_message(now, grad))
 
+    def _rebuilt(self) -> bool:
+        """DDP rebuilt its buckets since the record (once in a run): ``.grad`` moved there."""
+        ddp = None if self.ddp is None else self.ddp()
+        return ddp is not None and bool(ddp._has_rebuilt_buckets)
+
     def _read(self) -> None:
         """Record the sentinels' gradients as they are."""
         param = self.param
@@ -293,11 +299,6 @@ class WindowGuard:
             self.version = 0 if grad is None else grad._version
         for sentinel in self.others:
             sentinel.read()
-
-    def _rebuilt(self) -> bool:
-        """DDP rebuilt its buckets since the record (once in a run): ``.grad`` moved there."""
-        ddp = None if self.ddp is None else self.ddp()
-        return ddp is not None and bool(ddp._has_rebuilt_buckets)
 
     def backward(self, tensor: torch.Tensor) -> None:
         """``torch.autograd.backward(tensor)`` for a model whose parameters carry
@@ -318,7 +319,7 @@ class WindowGuard:
 
     def failed(self) -> None:
         """After a backward that raised: what it left is accumfn's doing, not a loop's."""
-        if self.recorded:
+        if self.state is not None:
             self._read()
 
     def _snapshot(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -338,10 +339,8 @@ class WindowGuard:
     # -- what happened to the window -----------------------------------------------------------
     def note(self, state: AccumState) -> None:
         """After accumfn's backward of a micro-step that left the window open."""
-        self.state = state
-        self.pending = True
-        if self.recorded:
-            grad = self.grad  # accumulated in place: the same tensor, a new version
+        if self.state is not None:  # the window went on: the same tensors, new versions
+            grad = self.grad
             if grad is not None:
                 self.version = grad._version
             elif self.param is not None:
@@ -350,44 +349,39 @@ class WindowGuard:
             if self.others:
                 for sentinel in self.others:
                     sentinel.read()
-            return
-        self.open = True
-        self._read()
-        self.recorded = True
-        if self.ddp is not None and self._rebuilt():
-            self.ddp = None  # rebuilt, with no gradient to move: nothing to let through
+        else:
+            self.open = True
+            self._read()
+            if self.ddp is not None and self._rebuilt():
+                self.ddp = None  # rebuilt with no gradient to move: nothing to let through
+        self.state = self.left = state
 
     def closed(self, state: AccumState) -> None:
         """The window closed; its step comes next (accumfn's, so optimizers may step)."""
-        self.recorded = False
+        self.state = None
         self.open = False
-        self.state = state
-        self.pending = True
+        self.left = state
 
     def applied(self) -> None:
         """The window's step ran (or it was dropped): nothing is left to apply."""
-        self.recorded = False
+        self.state = self.left = None
         self.open = False
-        self.state = None
-        self.pending = False
         self.warned = False
 
     def saved(self) -> None:
         """A checkpoint holds the open window: leaving it unapplied loses nothing."""
-        self.pending = False
+        self.left = None
         self.warned = False
 
     def restored(self, state: AccumState) -> None:
         """A checkpoint put an open window's gradients back (it lives in the file too)."""
-        self.recorded = False
+        self.state = self.left = None
         self.open = state.is_accumulating and not state.closed
-        self.state = None
-        self.pending = False
         self.warned = False
 
     # -- messages ------------------------------------------------------------------------------
     def _held(self) -> str:
-        state = self.state
+        state = self.left
         if state is None:
             return "an open window"
         return f"an open window ({state.micro_step} of {state.window} micro-batches accumulated)"
@@ -432,8 +426,8 @@ class WindowGuard:
 
     def report(self, reason: str, fix: str) -> None:
         """Warn once that the window's micro-batches were never applied."""
-        state = self.state
-        if state is None or state.micro_step == 0 or not self.pending or self.warned:
+        state = self.left
+        if state is None or state.micro_step == 0 or self.warned:
             return
         self.warned = True
         left = "closed but never stepped" if state.closed else "never applied"
