@@ -33,6 +33,7 @@ integrations = {
     "wandb": "from accumfn import MetricsTracker; MetricsTracker(use_wandb=True)",
     "testing": "import accumfn.testing.strategies",
     "tensorboard": "from accumfn import TensorBoardSink; TensorBoardSink('tb')",
+    "config": "from accumfn import AccumulationConfig; AccumulationConfig.from_yaml('c.yaml')",
 }
 for extra, code in integrations.items():
     done = run(code)

@@ -57,56 +57,22 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_HOMES: dict[str, tuple[str, ...]] = {
-    ".accumulator": ("AccumulationStats", "GradientAccumulator"),
-    ".checkpoint": ("load_checkpoint", "save_checkpoint"),
-    ".config": ("AccumulationConfig",),
-    ".core": (
-        "AccumConfig",
-        "AccumState",
-        "ByEpoch",
-        "ByStep",
-        "Constant",
-        "Normalization",
-        "init",
-    ),
-    ".errors": (
-        "AccumError",
-        "CallOrderError",
-        "CheckpointError",
-        "CheckpointNotFoundError",
-        "ConfigError",
-        "LossError",
-        "MissingDependencyError",
-        "RankMismatchError",
-        "StateFormatError",
-        "StepError",
-    ),
-    ".integrations": ("AccumulationConflictError",),
-    ".config.lr": ("scale_lr",),
-    ".metrics": (
-        "CallableSink",
-        "JsonlSink",
-        "MetricsStepError",
-        "MetricsTracker",
-        "TensorBoardSink",
-        "WandbSink",
-    ),
-    ".step": (
-        "StepReport",
-        "accumulate",
-        "apply_step",
-        "check_loss",
-        "flush",
-        "micro_step_context",
-        "prepare_forward",
-        "reset_epoch",
-        "step_window",
-    ),
+_HOMES: dict[str, str] = {
+    ".accumulator": "AccumulationStats GradientAccumulator",
+    ".checkpoint": "load_checkpoint save_checkpoint",
+    ".config": "AccumulationConfig",
+    ".config.lr": "scale_lr",
+    ".core": "AccumConfig AccumState ByEpoch ByStep Constant Normalization init",
+    ".errors": "AccumError CallOrderError CheckpointError CheckpointNotFoundError ConfigError "
+    "LossError MissingDependencyError RankMismatchError StateFormatError StepError",
+    ".integrations": "AccumulationConflictError",
+    ".metrics": "CallableSink JsonlSink MetricsStepError MetricsTracker TensorBoardSink WandbSink",
+    ".step": "StepReport accumulate apply_step check_loss flush micro_step_context "
+    "prepare_forward reset_epoch step_window",
 }
 """Where each public name lives (the same as the imports above, which type checkers read)."""
 
-_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names.split()}
 
 __all__ = [
     "AccumConfig",

@@ -24,6 +24,8 @@ from .step import (
     accumulate,
     as_optimizers,
     as_schedulers,
+    attach_beside,
+    carry,
     check_foreign_optimizer,
     check_fp16_with_scaler,
     check_hooks,
@@ -31,6 +33,8 @@ from .step import (
     check_model,
     check_steppable,
     claim_scaler,
+    closed_loss,
+    continue_guard,
     flush,
     guard_for,
     prepare_forward,
@@ -38,6 +42,7 @@ from .step import (
     report_dropped,
     reset_epoch,
     run_step,
+    tally_beside,
     warn_untracked,
     window_params,
 )
@@ -66,8 +71,9 @@ class AccumulationStats:
     """Windows whose update was applied (``optimizer.step()`` ran)."""
     current_accumulation: int
     """Micro-batches in the open window (0 to window-1)."""
-    effective_batch_size: int
-    """Micro-batch size times the window (per process)."""
+    effective_batch_size: int | None
+    """Micro-batch size times the window (per process); None when the caller closes
+    windows (``accumulation_steps=None``), which have no planned size."""
     is_accumulating: bool
     """True while the open window holds unapplied gradients."""
     last_grad_norm: float
@@ -75,6 +81,11 @@ class AccumulationStats:
     norm is computed (no clipping, no ``skip_nonfinite`` and ``track_grad_norm=False``)."""
     skipped_steps: int = 0
     """Windows skipped for non-finite gradients (GradScaler or ``skip_nonfinite``)."""
+    last_window_loss: float = math.nan
+    """The last window's loss as the large batch computes it (the mean over its
+    micro-batches of all ranks, or in item mode its summed losses of all ranks over its
+    item count of all ranks), unscaled; nan before the first window. Read from the device
+    when ``stats`` is asked for (``window_loss`` keeps it there)."""
 
 
 class GradientAccumulator:
@@ -82,9 +93,11 @@ class GradientAccumulator:
 
     ``optimizer`` may be one optimizer or a list stepped together in each window (one
     GradScaler for all), ``scheduler`` one, a list, or zero-argument callables.
-    ``accumulation_steps`` may be an int, ``{epoch: steps}`` or a callable of the effective
-    step. With a Lightning ``trainer`` and ``accumulation_steps=1`` Lightning does the
-    accumulating and this object only reports; both accumulating raises ValueError.
+    ``accumulation_steps`` may be an int, ``{epoch: steps}``, a callable of the effective
+    step, or None: the caller closes each window, with ``is_final_batch=True`` on its last
+    micro-batch (or ``flush``), after any number of micro-batches. With a Lightning
+    ``trainer`` and ``accumulation_steps=1`` Lightning does the accumulating and this
+    object only reports; both accumulating raises ValueError.
 
     What a step needs is checked here (an optimizer needing a closure, a scheduler needing
     arguments, a GradScaler over fp16 parameters or shared with another accumulator) and
@@ -105,7 +118,7 @@ class GradientAccumulator:
         self,
         optimizer: Optimizers,
         accumulation_steps: core.StepsSpec = 1,
-        max_grad_norm: float | None = 1.0,
+        max_grad_norm: float | None = core.DEFAULT_MAX_GRAD_NORM,
         scaler: GradScaler | None = None,
         batch_size: int = 1,
         trainer: Any = None,
@@ -148,6 +161,7 @@ class GradientAccumulator:
         self._lightning = trainer is not None and accumulation_steps == 1
         self._lightning_calls = 0
         self._norm: torch.Tensor | None = None
+        self._window_loss: torch.Tensor | None = None
         self._track_grad_norm = track_grad_norm
         self._model: nn.Module | None = None
         self._watched: nn.Module | None = None
@@ -163,15 +177,27 @@ class GradientAccumulator:
         except Exception:  # at interpreter shutdown, the modules may be gone
             pass
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle with what the open window keeps on the device beside the state."""
+        saved = dict(self.__dict__)
+        beside = tally_beside(self._state)
+        if beside is not None:
+            saved["_beside"] = beside
+        return saved
+
     def __setstate__(self, saved: dict[str, Any]) -> None:
         """Unpickle, also one pickled by an earlier version (settings kept as ``_name``)."""
+        beside = saved.get("_beside")
         for name, value in saved.items():
             if name in _OLD_NAMES:
                 name = _OLD_NAMES[name]
-            if name:
+            if name and name != "_beside":
                 setattr(self, name, value)
         self.__dict__.setdefault("_warned", None)
         self.__dict__.setdefault("_watched", None)
+        self.__dict__.setdefault("_window_loss", None)
+        if beside is not None:
+            attach_beside(self._state, beside)
 
     # -- the step ---------------------------------------------------------------------------
     def _prepare_step(self, state: AccumState, model: nn.Module, *, early: bool = False) -> Any:
@@ -201,11 +227,16 @@ class GradientAccumulator:
         loss: torch.Tensor,
         model: nn.Module,
         is_final_batch: bool = False,
-        num_items: int | None = None,
+        num_items: int | torch.Tensor | None = None,
     ) -> bool:
         """Backward ``loss``; at a window's end step the optimizer. Returns True if it did.
 
-        Under Lightning management this only checks the loss and returns True.
+        ``num_items``: item mode, as ``accumfn.accumulate``: an int, or a 0-dim integer
+        tensor on any device, read only at the window's boundary.
+        ``is_final_batch=True``: the last micro-batch of the data, which closes the window
+        it is in early; with ``accumulation_steps=None``, the last micro-batch of this
+        window, which it closes (the next call opens the next window). Under Lightning
+        management this only checks the loss and returns True.
         """
         if self._lightning:
             check_loss(loss)
@@ -236,7 +267,7 @@ class GradientAccumulator:
         self._state = state
         if stepped:
             assert window is not None  # (a window closes where closes_window says it does)
-            self._step(state, window, model, last=is_final_batch)
+            self._step(state, window, model, last=is_final_batch and not state.caller_closed)
             self._warn_untracked(model, window.optimizers)
         return stepped
 
@@ -254,6 +285,7 @@ class GradientAccumulator:
         would tell the ranks that its step failed on some of them: they compare now, with
         one more exchange (a ``flush`` of the empty next window), and all raise if so.
         """
+        self._window_loss = closed_loss(state)
         try:
             report = run_step(state, window, model, grad_norm=self._track_grad_norm)
         except StepError as exc:
@@ -313,22 +345,35 @@ class GradientAccumulator:
     def state(self) -> AccumState:
         """The functional state behind this object (pre-clip norm read in)."""
         if self._norm is not None:
-            self._state = attrs.evolve(self._state, last_grad_norm=float(self._norm))
+            held = self._state
+            self._state = carry(held, attrs.evolve(held, last_grad_norm=float(self._norm)))
+            continue_guard(self._watched, held, self._state)
             self._norm = None
         return self._state
+
+    @property
+    def window_loss(self) -> torch.Tensor | None:
+        """The last window's loss (see ``AccumulationStats.last_window_loss``) as a 0-dim
+        float64 tensor on the device, not read; None before the first window. Log it with
+        ``MetricsTracker.log_window_loss(accumulator)``."""
+        return self._window_loss
 
     @property
     def is_lightning_managed(self) -> bool:
         return self._lightning
 
     @property
-    def accumulation_steps(self) -> int:
-        """Size of the current window (1 under Lightning management)."""
-        return self._state.window
+    def accumulation_steps(self) -> int | None:
+        """Size of the current window (1 under Lightning management); None when the caller
+        closes windows (``accumulation_steps=None``)."""
+        return None if self._state.caller_closed else self._state.window
 
     @property
     def effective_batch_size(self) -> int:
-        """Micro-batch size times accumulation (Lightning's when it manages), per process."""
+        """Micro-batch size times accumulation (Lightning's when it manages), per process.
+
+        ConfigError when the caller closes windows (``accumulation_steps=None``): they have
+        no planned size."""
         if self._lightning:
             lightning_steps = trainer_accumulation(self.trainer) or 1
             return self._state.config.batch_size * lightning_steps
@@ -336,7 +381,10 @@ class GradientAccumulator:
 
     @property
     def effective_step(self) -> int:
-        """Windows stepped so far (applied or skipped); Lightning's global_step if it manages."""
+        """Windows closed so far (applied or skipped); Lightning's global_step if it manages.
+
+        Read before the ``accumulate`` that closes a window, it is that window's step, from 0.
+        """
         if self._lightning:
             return int(getattr(self.trainer, "global_step", 0))
         return self._state.effective_step
@@ -350,10 +398,11 @@ class GradientAccumulator:
             total_steps=total,
             optimizer_steps=self.effective_step if self._lightning else state.optimizer_steps,
             current_accumulation=state.micro_step,
-            effective_batch_size=self.effective_batch_size,
+            effective_batch_size=None if state.caller_closed else self.effective_batch_size,
             is_accumulating=state.is_accumulating,
             last_grad_norm=math.nan if norm is None else norm,
             skipped_steps=state.skipped_steps,
+            last_window_loss=math.nan if self._window_loss is None else float(self._window_loss),
         )
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -386,6 +435,7 @@ class GradientAccumulator:
             model=model,
         )
         self._norm = None
+        self._window_loss = None
         if model is not None:
             prepare_forward(self._state, model)
 

@@ -109,7 +109,7 @@ def raise_missing(
     of its own) is raised unchanged, since installing the extra would not fix it.
     """
     missing = (getattr(error, "name", None) or "").split(".")[0]
-    if missing != package:
+    if missing != package.split(".")[0]:  # "ruamel.yaml": a missing "ruamel" counts
         raise error
     hint = install_hint(package, extra, feature)
     raise MissingDependencyError(f"{hint}{'; ' + otherwise if otherwise else ''}.") from error

@@ -88,6 +88,7 @@ def main() -> None:
 
     batches = rank_batches(rank)
     for i, (tokens, labels) in enumerate(batches):
+        step = accumulator.effective_step  # this window's step, from 0
         loss = summed_loss(model, tokens, labels)
         stepped = accumulator.accumulate(
             loss,
@@ -96,8 +97,7 @@ def main() -> None:
             num_items=int((labels != IGNORE).sum()),  # count on the host, before .to(device)
         )
         if stepped and rank == 0:
-            stats = accumulator.stats
-            print(f"step {stats.optimizer_steps}: pre-clip grad norm {stats.last_grad_norm:.3f}")
+            print(f"step {step}: pre-clip grad norm {accumulator.stats.last_grad_norm:.3f}")
 
     twin = large_batch_twin(world)
     diff = max(
@@ -112,6 +112,7 @@ def main() -> None:
             f"micro-batches per rank, {len(rounds)} DDP all-reduce rounds (the short last window "
             f"closes with one explicit all-reduce), max |param - large batch| = {diff:.1e}"
         )
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

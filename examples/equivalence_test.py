@@ -137,7 +137,7 @@ def test_no_host_sync_between_boundaries() -> None:
         items = token_count(batch)  # counted before the step: labels live on the host here
         with HostSyncCounter() as counter:
             state, stepped = accumfn.accumulate(state, loss, model, num_items=items)
-        assert stepped or not counter.calls, f"micro-step {index} synced: {counter.calls}"
+        assert stepped or not counter.calls, f"micro-batch {index} synced: {counter.calls}"
         if stepped:
             state = accumfn.step_window(state, optimizer, model).state
 

@@ -79,12 +79,13 @@ def train(config: AccumulationConfig, run_dir: Path, every: int, stop_after: int
             rows = batches[index]
             last = index == len(batches) - 1
             window = acc.stats.current_accumulation + 1
+            step = acc.effective_step  # this window's step, from 0
             loss = F.mse_loss(model(x[rows]), y[rows])
             done += 1
             if acc.accumulate(loss, model, is_final_batch=last):
                 print(
-                    f"epoch {epoch}, micro-step {done}: optimizer step {acc.stats.optimizer_steps} "
-                    f"on {window} micro-batch(es), {window * len(rows)} samples"
+                    f"epoch {epoch}, after {done} micro-steps: step {step} applied "
+                    f"{window} micro-batch(es), {window * len(rows)} samples"
                 )
             if done % every == 0 or done == stop_after:
                 checkpoint = {

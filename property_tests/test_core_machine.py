@@ -20,7 +20,7 @@ class CoreMachine(RuleBasedStateMachine):
     """Model: window sizes come from the schedule when a window opens; counters add up."""
 
     @initialize(
-        kind=st.sampled_from(["constant", "epochs", "callable"]),
+        kind=st.sampled_from(["constant", "epochs", "callable", "caller"]),
         sizes=TABLE,
         every=st.booleans(),
     )
@@ -31,9 +31,12 @@ class CoreMachine(RuleBasedStateMachine):
             spec: object = sizes[0]
         elif kind == "epochs":
             spec = {2 * i: size for i, size in enumerate(sizes)}
-        else:
+        elif kind == "callable":
             self.fn = self._by_step
             spec = self.fn
+        else:
+            spec = None  # the caller closes every window (is_final_batch=True)
+            every = False  # (refused with steps=None)
         self.kind = kind
         self.every = every
         self.state = core.init(spec, sync_every_micro_step=every)  # type: ignore[arg-type]
@@ -53,6 +56,8 @@ class CoreMachine(RuleBasedStateMachine):
         return self.sizes[step % len(self.sizes)]
 
     def _expected_window(self) -> int:
+        if self.kind == "caller":
+            return 0  # no planned size: only is_final_batch closes the window
         if self.kind == "constant":
             return self.sizes[0]
         if self.kind == "epochs":
@@ -95,10 +100,10 @@ class CoreMachine(RuleBasedStateMachine):
         assert plan.boundary == boundary
         assert plan.reduce_grads == (boundary or self.every)
         assert synced_forward == (self.every or self.micro == self.window)
-        assert plan.loss_divisor == (self.window if mode == "mean" else 1)
+        assert plan.loss_divisor == ((self.window or 1) if mode == "mean" else 1)
         if boundary:
             self.state = core.close_window(self.state)
-            expected = self.window / self.micro if mode == "mean" else 1 / self.items
+            expected = (self.window or 1) / self.micro if mode == "mean" else 1 / self.items
             assert self.state.grad_scale == expected
             self.closed = True
 

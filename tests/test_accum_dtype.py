@@ -88,7 +88,7 @@ def test_accum_dtype_equals_a_hand_written_fp32_buffer_loop_bit_for_bit() -> Non
 
     model = _model(1, torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    state = accumfn.init(WINDOW, accum_dtype=torch.float32)
+    state = accumfn.init(WINDOW, accum_dtype=torch.float32, max_grad_norm=None)
     for i, (x, y) in enumerate(batches):
         loss = nn.functional.mse_loss(model(x.bfloat16()), y.bfloat16())
         final = i == len(batches) - 1
@@ -107,7 +107,7 @@ def test_mid_window_checkpoint_holds_the_fp32_buffers() -> None:
     def run(stop_at: int | None) -> list[torch.Tensor]:
         model = _model(2, torch.bfloat16)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        state = accumfn.init(WINDOW, accum_dtype=torch.float32)
+        state = accumfn.init(WINDOW, accum_dtype=torch.float32, max_grad_norm=None)
         for i, (x, y) in enumerate(batches):
             if i == stop_at:  # checkpoint, then resume into a fresh model and optimizer
                 saved = capture(state, optimizer)
@@ -117,7 +117,11 @@ def test_mid_window_checkpoint_holds_the_fp32_buffers() -> None:
                 fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
                 fresh_opt.load_state_dict(optimizer.state_dict())
                 model, optimizer = fresh, fresh_opt
-                state = restore(saved, accumfn.init(WINDOW, accum_dtype=torch.float32), optimizer)
+                state = restore(
+                    saved,
+                    accumfn.init(WINDOW, accum_dtype=torch.float32, max_grad_norm=None),
+                    optimizer,
+                )
             loss = nn.functional.mse_loss(model(x.bfloat16()), y.bfloat16())
             final = i == len(batches) - 1
             state, stepped = accumfn.accumulate(state, loss, model, is_final_batch=final)
@@ -153,7 +157,7 @@ def test_fp16_item_mode_window_sum_beyond_fp16_is_divided_before_it_is_rounded()
     batches = [
         (torch.randn(2048, 4, generator=g) * 3, torch.randn(2048, 1, generator=g)) for _ in range(8)
     ]
-    state = accumfn.init(8, accum_dtype=torch.float32)
+    state = accumfn.init(8, accum_dtype=torch.float32, max_grad_norm=None)
     seen: list[torch.Tensor] = []
     for x, y in batches:
         loss = ((model(x.half()).float() - y) ** 2).sum()

@@ -87,7 +87,7 @@ def make_world(directory: Path) -> World:
     model = tiny()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = GradScaler("cpu", init_scale=1024.0)
-    fresh = accumfn.init(4)
+    fresh = accumfn.init(4, max_grad_norm=None)
     world = World(directory, model, optimizer, scaler, fresh, fresh, fresh, None)  # type: ignore[arg-type]
     state = fresh
     for _ in range(2):
@@ -394,14 +394,21 @@ ROWS = [
         lambda w: accumulate(w, state=w.fresh, num_items=2.5),
         ConfigError,
         r"got 2\.5 of type float",
-        r"count the items on the host",
+        r"0-dim integer tensor",
     ),
     Row(
-        "`num_items=torch.tensor(5)`",
-        lambda w: accumulate(w, state=w.fresh, num_items=torch.tensor(5)),
+        "`num_items=torch.tensor(5.0)`",
+        lambda w: accumulate(w, state=w.fresh, num_items=torch.tensor(5.0)),
         ConfigError,
-        r"of type Tensor",
-        r"count the items on the host",
+        r"got a torch\.float32 tensor",
+        r"integer sum",
+    ),
+    Row(
+        "`num_items=torch.tensor([5])`",
+        lambda w: accumulate(w, state=w.fresh, num_items=torch.tensor([5])),
+        ConfigError,
+        r"tensor of shape \(1,\)",
+        r"sum it first",
     ),
     Row(
         "`num_items` in a mean-mode window",
@@ -602,7 +609,7 @@ ROWS = [
     Row(
         "mid-window checkpoint of another config, `allow_config_change=True`",
         lambda w: restore(
-            capture(core.micro_step(accumfn.init(8))[0], w.optimizer),
+            capture(core.micro_step(accumfn.init(8, max_grad_norm=None))[0], w.optimizer),
             w.open,
             w.optimizer,
             allow_config_change=True,
@@ -991,7 +998,7 @@ def test_nonfinite_loss(case: NonFinite) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     scaler = GradScaler("cpu", init_scale=1024.0) if case.scaler else None
-    state = accumfn.init(2, skip_nonfinite=case.skip_nonfinite)
+    state = accumfn.init(2, skip_nonfinite=case.skip_nonfinite, max_grad_norm=None)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.ones(3, 5), torch.zeros(3, 2)
     state, _ = accumfn.accumulate(state, F.mse_loss(model(x), y), model, scaler=scaler)

@@ -59,7 +59,7 @@ def _accumulated(
         before_step=before_step,
         clip_value=clip_value,
     )
-    state = accumfn.init(WINDOW)
+    state = accumfn.init(WINDOW, max_grad_norm=None)
     for w, (x, y) in enumerate(_windows(seed)):
         micro = list(zip(x.split(4), y.split(4), strict=True))
         for m, (xb, yb) in enumerate(micro):
@@ -131,7 +131,7 @@ def test_bad_hooks_are_refused_and_change_nothing(kwargs: dict[str, object], mes
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     with pytest.raises(accumfn.ConfigError, match=message):
         accumfn.GradientAccumulator(optimizer, 2, **kwargs)  # type: ignore[arg-type]
-    state = accumfn.init(1)
+    state = accumfn.init(1, max_grad_norm=None)
     x, y = data(3, 4)
     state, stepped = accumfn.accumulate(state, nn.functional.mse_loss(model(x), y), model)
     assert stepped

@@ -80,10 +80,12 @@ def test_from_config_trains_like_one_large_batch(tmp_path: Path) -> None:
 def test_functional_api_from_an_epoch_schedule(tmp_path: Path) -> None:
     path = write(
         tmp_path,
-        "training:\n  batch_size: 2\n  gradient_accumulation_steps: {0: 2, 1: 3}\n",
+        "training:\n  batch_size: 2\n  gradient_accumulation_steps: {0: 2, 1: 3}\n"
+        "  max_grad_norm: null\n",
     )
     config = AccumulationConfig.from_yaml(path)
-    assert config.gradient_accumulation_steps == {0: 2, 1: 3}
+    assert config.gradient_accumulation_steps == "{0: 2, 1: 3}"  # the text every stack carries
+    assert config.schedule == {0: 2, 1: 3}
     assert [config.steps_at(e) for e in range(3)] == [2, 3, 3]
     assert config.effective_batch_size_at(1) == 6
     model = mlp(1)
@@ -155,7 +157,7 @@ def test_omegaconf_and_hydra_structured_configs() -> None:
         {"base": 4, "training": {"batch_size": "${base}", "gradient_accumulation_steps": {0: 8}}}
     )
     config = AccumulationConfig.from_mapping(conf.training)
-    assert (config.batch_size, config.gradient_accumulation_steps) == (4, {0: 8})
+    assert (config.batch_size, config.gradient_accumulation_steps) == (4, "{0: 8}")
     # Hydra's structured configs: the dataclass is the schema, merged values are checked.
     schema = omegaconf.OmegaConf.structured(AccumulationConfig)
     merged = omegaconf.OmegaConf.merge(schema, {"batch_size": 2, "gradient_accumulation_steps": 3})
@@ -230,7 +232,7 @@ def test_from_config_keeps_the_optimizer_and_takes_the_rest() -> None:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     config = AccumulationConfig(
         gradient_accumulation_steps=2, batch_size=4, learning_rate=0.1, lr_scaling="linear",
-        base_batch_size=4, skip_nonfinite=True,
+        base_batch_size=4, skip_nonfinite=True, max_grad_norm=None,
     )  # fmt: skip
     acc = GradientAccumulator.from_config(optimizer, config, scheduler=scheduler)
     assert acc.scheduler is scheduler and acc.state.config.skip_nonfinite
@@ -240,10 +242,10 @@ def test_from_config_keeps_the_optimizer_and_takes_the_rest() -> None:
         GradientAccumulator.from_config(optimizer, {"batch_size": 4})  # type: ignore[arg-type]
 
 
-def test_missing_pyyaml_says_how_to_install(
+def test_missing_ruamel_yaml_says_how_to_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setitem(sys.modules, "yaml", None)  # import yaml raises ImportError
+    monkeypatch.setitem(sys.modules, "ruamel.yaml", None)  # import ruamel.yaml raises
     with pytest.raises(MissingDependencyError, match=r"pip install 'accumfn\[config\]'"):
         AccumulationConfig.from_yaml(SEED_FILE)
     assert isinstance(MissingDependencyError("x"), ImportError)

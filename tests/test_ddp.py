@@ -13,6 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import accumfn
+from accumfn import core
 
 from ._dist_utils import (
     CollectiveCounter,
@@ -206,8 +207,8 @@ def test_one_all_reduce_round_per_window(ranks: list[dict[str, Any]], name: str)
 def test_window_header_is_one_small_all_gather_per_window(
     ranks: list[dict[str, Any]], name: str
 ) -> None:
-    """The closing window's identity, micro-steps, items and flags: one int64 all-gather of
-    19 values per rank per window, and no other int64 collective. With
+    """The closing window's identity, micro-steps, items, flags and summed loss: one int64
+    all-gather of ``core.WIDTH`` values per rank per window, and no other int64 collective. With
     sync_every_micro_step the same row is also gathered at a window's first micro-step, and
     GradientAccumulator gathers it once more after the window that ends the data."""
     opens = SCENARIOS[name].get("sync_every", False)
@@ -220,7 +221,7 @@ def test_window_header_is_one_small_all_gather_per_window(
             per_window[-1].append(len(lengths) - 1)
         assert run["windows"] == len(lengths)
         assert headers == [w for pair in per_window for w in pair]
-        assert {numel for _, _, numel in run["all_gathers"]} == {19}
+        assert {numel for _, _, numel in run["all_gathers"]} == {core.WIDTH}
         assert not [w for w, dtype, _ in run["all_reduces"] if dtype == "torch.int64"]
 
 

@@ -71,7 +71,9 @@ class Run:
             self.optimizer, WINDOW, max_grad_norm=None, sync_every_micro_step=sync
         )
         self.holder = StateHolder(
-            accumfn.init(WINDOW, sync_every_micro_step=sync), self.optimizer, None
+            accumfn.init(WINDOW, sync_every_micro_step=sync, max_grad_norm=None),
+            self.optimizer,
+            None,
         )
         self.acc.prepare(self.model)
 

@@ -89,7 +89,7 @@ def train(
     scaler: torch.amp.GradScaler | None = None,
 ) -> accumfn.AccumState:
     """The functional loop over this rank's windows; is_final_batch on the very last one."""
-    state = accumfn.init(window) if state is None else state
+    state = accumfn.init(window, max_grad_norm=None) if state is None else state
     accumfn.prepare_forward(state, model)
     reduction = "sum" if item_mode else "mean"
     for w, micro in enumerate(windows):
@@ -275,7 +275,7 @@ def _explicit_group(rank: int, world: int) -> dict[str, Any]:
     """A plain module with process_group=: accumfn averages the gradients itself."""
     data = ranked_data(17, [[3, 2], [3, 2]], ragged=True)
     model = token_model(100)
-    state = accumfn.init(3)
+    state = accumfn.init(3, max_grad_norm=None)
     accumfn.prepare_forward(state, model, process_group=dist.new_group([0, 1]))
     train(model, sgd(model), data[rank], 3, True, state=state)
     reference = token_model(100)
@@ -292,7 +292,7 @@ def _flush_zero_items(rank: int, world: int) -> dict[str, Any]:
         data[1][1][m] = (data[1][1][m][0], torch.full_like(data[1][1][m][1], -100))
     model = DistributedDataParallel(token_model(100))
     optimizer = sgd(model)
-    state = accumfn.init(3)
+    state = accumfn.init(3, max_grad_norm=None)
     accumfn.prepare_forward(state, model)
     for batch in (b for window in data[rank] for b in window):  # no is_final_batch
         loss = token_loss(model, batch, "sum")
@@ -322,7 +322,7 @@ def _wide_accumulation(rank: int, world: int) -> dict[str, Any]:
     """accum_dtype under DDP: the wide buffers are reduced once per window by accumfn."""
     data = ranked_data(23, [[3, 3, 2], [3, 3, 2]], ragged=True)
     model = DistributedDataParallel(token_model(100))
-    state = accumfn.init(3, accum_dtype=torch.float64)
+    state = accumfn.init(3, accum_dtype=torch.float64, max_grad_norm=None)
     train(model, sgd(model), data[rank], 3, True, state=state)
     reference = token_model(100)
     return {"params": full_params(model), "reference": large_batch(reference, sgd(reference), data)}
@@ -382,7 +382,7 @@ def _fsdp_flush(rank: int, world: int, sync_every: bool) -> dict[str, Any]:
     model = token_model(100)
     fully_shard(model)
     optimizer = sgd(model)
-    state = accumfn.init(3, sync_every_micro_step=sync_every)
+    state = accumfn.init(3, sync_every_micro_step=sync_every, max_grad_norm=None)
     try:
         for batch in (b for window in data[rank] for b in window):
             loss = token_loss(model, batch, "sum")
@@ -403,7 +403,7 @@ def _fsdp_accum_dtype(rank: int, world: int) -> dict[str, Any]:
 
     model = token_model(100)
     fully_shard(model)
-    state = accumfn.init(3, accum_dtype=torch.float32)
+    state = accumfn.init(3, accum_dtype=torch.float32, max_grad_norm=None)
     batch = ranked_data(24, [[1], [1]], ragged=False)[rank][0][0]
     try:
         accumfn.accumulate(state, token_loss(model, batch, "mean"), model)
@@ -569,7 +569,7 @@ def _scaler_on_rank0_only(rank: int, world: int, wrap: str) -> dict[str, Any]:
     before = full_params(model)
     optimizer = sgd(model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if rank == 0 else None
-    state = accumfn.init(2)
+    state = accumfn.init(2, max_grad_norm=None)
     accumfn.prepare_forward(state, model)
     try:
         for batch in ranked_data(21, [[2], [2]], ragged=False)[rank][0]:
@@ -598,7 +598,7 @@ def _lonely_boundary(rank: int, world: int) -> dict[str, Any]:
     """Rank 1 never closes its window: rank 0's header waits, then says why."""
     os.environ["ACCUMFN_SYNC_TIMEOUT"] = "3"
     model = token_model(100)
-    state = accumfn.init(1)
+    state = accumfn.init(1, max_grad_norm=None)
     accumfn.prepare_forward(state, model, process_group=dist.new_group([0, 1]))
     if rank == 1:
         time.sleep(8)  # busy elsewhere, longer than the timeout

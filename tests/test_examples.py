@@ -13,7 +13,7 @@ from ._dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
-DISTRIBUTED = {"ddp.py"}
+DISTRIBUTED = {"ddp.py", "ddp_checkpoint.py"}
 
 
 def _command(name: str) -> list[str]:
@@ -32,7 +32,7 @@ def _command(name: str) -> list[str]:
 
 
 def test_every_example_is_listed() -> None:
-    assert {"manual_loop.py", "amp.py", "item_lm.py"} <= set(EXAMPLES)
+    assert {"manual_loop.py", "amp.py", "item_lm.py", "rl_rollouts.py"} <= set(EXAMPLES)
 
 
 @pytest.mark.parametrize("name", EXAMPLES)

@@ -68,7 +68,7 @@ def _windows(batches: list[Batch]) -> list[list[Batch]]:
 def _functional(batches: list[Batch], item_mode: bool) -> tuple[list[torch.Tensor], int, int]:
     model = token_model(3)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.5)
-    state = accumfn.init(WINDOW)
+    state = accumfn.init(WINDOW, max_grad_norm=None)
     reduction = "sum" if item_mode else "mean"
     for batch in _stream(batches):
         num_items = items(batch) if item_mode else None
@@ -119,7 +119,7 @@ def test_flush_after_a_loader_of_unknown_length_equals_large_batch(
 
 def test_flush_with_no_window_open_changes_nothing() -> None:
     model = token_model(3)
-    state = accumfn.init(WINDOW)
+    state = accumfn.init(WINDOW, max_grad_norm=None)
     flushed, stepped = accumfn.flush(state, model)
     assert (flushed, stepped) == (state, False)
     assert flushed is state

@@ -69,7 +69,7 @@ def _refused(rank: int, world: int, case: str) -> dict[str, Any]:
     batches = [window[0][rank] for window in make_windows(5, [1, 1, 1], 2, ragged=True)]
     if case == "join" and rank == 1:
         batches = batches[:1]
-    state = accumfn.init(2)
+    state = accumfn.init(2, max_grad_norm=None)
     accumulator = accumfn.GradientAccumulator(torch.optim.SGD(params, lr=0.1), 2)
     result: dict[str, Any] = {"type": None}
     try:
@@ -126,7 +126,7 @@ def _hooked(rank: int, world: int) -> tuple[list[torch.Tensor], list[str]]:
     model = DistributedDataParallel(token_model(4))
     model.register_comm_hook(None, default_hooks.fp16_compress_hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    state = accumfn.init(4)
+    state = accumfn.init(4, max_grad_norm=None)
     accumfn.prepare_forward(state, model)
     mine = [[ranks[rank] for ranks in window if rank < len(ranks)] for window in _hook_data()]
     with warnings.catch_warnings(record=True) as caught:
@@ -174,7 +174,7 @@ def _after_a_dropped_ddp(rank: int, world: int) -> dict[str, Any]:
         ddp.again = ddp  # a cycle: only the garbage collector frees it
         del ddp
         batches = [window[0][rank] for window in make_windows(7 + rank, [1, 1], 2, ragged=True)]
-        state = accumfn.init(2)
+        state = accumfn.init(2, max_grad_norm=None)
         optimizer = torch.optim.SGD(module.parameters(), lr=0.5)
         for m, batch in enumerate(batches):
             loss = token_loss(module, batch, "sum")

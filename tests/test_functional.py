@@ -63,7 +63,7 @@ def test_item_mode_matches_token_mean() -> None:
     x, y = data(2, 24)
     counts = [3, 7, 1, 5, 8]  # ragged micro-batches (sum 24), windows of 2: 10 | 6 | 8
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    state = accumfn.init(steps=2)
+    state = accumfn.init(steps=2, max_grad_norm=None)
     start = 0
     for i, n in enumerate(counts):
         xb, yb = x[start : start + n], y[start : start + n]
@@ -82,7 +82,7 @@ def test_item_mode_matches_token_mean() -> None:
 def test_input_state_is_never_mutated_and_stepped_means_closed() -> None:
     model = mlp(3)
     x, y = data(3, 8)
-    state = accumfn.init(steps=2)
+    state = accumfn.init(steps=2, max_grad_norm=None)
     before = state.to_dict()
     new, stepped = accumfn.accumulate(state, mse(model, x[:4], y[:4]), model)
     assert state.to_dict() == before and not stepped and new.micro_step == 1
@@ -95,7 +95,9 @@ def test_input_state_is_never_mutated_and_stepped_means_closed() -> None:
 def test_apply_step_without_closed_window_changes_nothing() -> None:
     model = mlp(4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    state, _ = accumfn.accumulate(accumfn.init(steps=3), mse(model, *data(4, 4)), model)
+    state, _ = accumfn.accumulate(
+        accumfn.init(steps=3, max_grad_norm=None), mse(model, *data(4, 4)), model
+    )
     params = [p.detach().clone() for p in model.parameters()]
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     with pytest.raises(CallOrderError, match="1 of 3 micro-steps"):
@@ -108,7 +110,9 @@ def test_apply_step_without_closed_window_changes_nothing() -> None:
 def test_grads_are_set_to_none_after_a_step() -> None:
     model = mlp(5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    state, stepped = accumfn.accumulate(accumfn.init(steps=1), mse(model, *data(5, 4)), model)
+    state, stepped = accumfn.accumulate(
+        accumfn.init(steps=1, max_grad_norm=None), mse(model, *data(5, 4)), model
+    )
     assert stepped
     state = accumfn.apply_step(state, opt, model)
     assert all(p.grad is None for p in model.parameters())
@@ -161,7 +165,7 @@ def test_skip_nonfinite_without_scaler() -> None:
     model = mlp(8)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
-    state = accumfn.init(steps=1, skip_nonfinite=True)
+    state = accumfn.init(steps=1, skip_nonfinite=True, max_grad_norm=None)
     loss = mse(model, *data(8, 4)) * torch.tensor(float("nan"))
     state, _ = accumfn.accumulate(state, loss, model)
     state = accumfn.apply_step(state, opt, model)
@@ -175,7 +179,7 @@ def test_reset_epoch_discards_open_window_without_leaking() -> None:
     ref = twin(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = data(9, 16)
-    state = accumfn.init(steps=3)
+    state = accumfn.init(steps=3, max_grad_norm=None)
     state, _ = accumfn.accumulate(state, mse(model, x[:4], y[:4]), model)
     with pytest.warns(UserWarning, match="discarded an open window of 1"):
         state = accumfn.reset_epoch(state, opt, model)

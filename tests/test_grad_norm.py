@@ -97,7 +97,7 @@ def test_apply_step_always_records_the_norm() -> None:
     model = mlp(1)
     ref = twin(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = accumfn.init(2)  # no clipping
+    state = accumfn.init(2, max_grad_norm=None)  # no clipping
     x, y = data(1, 4 * 4)
     norms = []
     for xb, yb in zip(x.split(4), y.split(4), strict=True):

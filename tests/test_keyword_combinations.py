@@ -79,7 +79,7 @@ def test_accum_dtype_covers_the_optimizer_parameters_outside_the_model_passed(
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     batches = _batches(8)
     windows = [batches[:3], batches[3:6], batches[6:]]
-    state = accumfn.init(3, accum_dtype=torch.float64)
+    state = accumfn.init(3, accum_dtype=torch.float64, max_grad_norm=None)
     acc = accumfn.GradientAccumulator(opt, 3, max_grad_norm=None, accum_dtype=torch.float64)
     for i, (x, y) in enumerate(batches):
         error = model(x) - y
@@ -124,7 +124,7 @@ def test_accum_dtype_leaves_gradients_of_parameters_no_optimizer_holds() -> None
     for accum_dtype in (None, torch.float64):
         model = EncoderHead()
         opt = torch.optim.SGD(model.encoder.parameters(), lr=0.1)
-        state = accumfn.init(3, accum_dtype=accum_dtype)
+        state = accumfn.init(3, accum_dtype=accum_dtype, max_grad_norm=None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the untracked-parameter warning
             for x, y in _batches(6):
@@ -305,7 +305,7 @@ def test_accum_dtype_resumes_a_window_of_a_head_outside_the_model(resume_at: int
     def build() -> tuple[EncoderHead, torch.optim.Optimizer, accumfn.AccumState]:
         model = EncoderHead()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        return model, opt, accumfn.init(4, accum_dtype=torch.float64)
+        return model, opt, accumfn.init(4, accum_dtype=torch.float64, max_grad_norm=None)
 
     model, opt, state = build()
     for i, (x, y) in enumerate(batches):

@@ -26,7 +26,7 @@ def _drop_a_window(rank: int, world: int, pass_model: bool) -> dict[str, Any]:
     model = sharded_token_model(0)
     opt = sgd(model)
     data = ranked_data(SEED, [[3, 2, 3]] * world, ragged=False)[rank]
-    state = accumfn.init(3)
+    state = accumfn.init(3, max_grad_norm=None)
     for w, window in enumerate(data):
         for batch in window:
             state, stepped = accumfn.accumulate(state, token_loss(model, batch, "mean"), model)

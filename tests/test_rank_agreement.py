@@ -220,7 +220,7 @@ def _different_windows(rank: int, world: int, item_mode: bool, sync_every: bool)
     module = token_model(0)
     opt = sgd(module)
     model = DistributedDataParallel(module)
-    state = accumfn.init(steps, sync_every_micro_step=sync_every)
+    state = accumfn.init(steps, sync_every_micro_step=sync_every, max_grad_norm=None)
     accumfn.prepare_forward(state, model)
     before = _params(model)
     data = ranked_data(SEED, [[3] * 2, [2] * 2], ragged=True)[rank]

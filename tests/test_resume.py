@@ -242,16 +242,21 @@ def test_config_change_mid_window_is_refused_even_when_allowed() -> None:
 
 def test_scaler_on_off_needs_a_boundary_and_allow_config_change() -> None:
     model, optimizer, _ = small(2)
-    state = accumfn.init(2)
+    state = accumfn.init(2, max_grad_norm=None)
     scaler = GradScaler("cpu")
     loss = F.mse_loss(model(torch.ones(3, 5)), torch.zeros(3, 2))
     state, _ = accumfn.accumulate(state, loss, model, scaler=scaler)
     with pytest.raises(CheckpointError, match=r"with an enabled GradScaler.*has none"):
-        restore(capture(state, optimizer, scaler), accumfn.init(2), optimizer)
-    boundary = capture(accumfn.init(2), optimizer, scaler)
+        restore(capture(state, optimizer, scaler), accumfn.init(2, max_grad_norm=None), optimizer)
+    boundary = capture(accumfn.init(2, max_grad_norm=None), optimizer, scaler)
     with pytest.raises(CheckpointError, match="allow_config_change=True"):
-        restore(boundary, accumfn.init(2), optimizer)
-    assert restore(boundary, accumfn.init(2), optimizer, allow_config_change=True).window == 2
+        restore(boundary, accumfn.init(2, max_grad_norm=None), optimizer)
+    assert (
+        restore(
+            boundary, accumfn.init(2, max_grad_norm=None), optimizer, allow_config_change=True
+        ).window
+        == 2
+    )
 
 
 def test_save_is_atomic_temp_fsync_replace_fsync_dir(

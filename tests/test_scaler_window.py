@@ -66,7 +66,7 @@ def _accumulate_window(
 def test_scaler_on_one_side_only_is_refused_then_the_right_call_is_exact(given_to: str) -> None:
     model, ref, optimizer, x, y = _setup(1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    state = accumfn.init(STEPS)
+    state = accumfn.init(STEPS, max_grad_norm=None)
     for w in range(2):
         xs, ys = x[w * STEPS * MICRO :][: STEPS * MICRO], y[w * STEPS * MICRO :][: STEPS * MICRO]
         with_scaler = given_to == "accumulate"  # else the window is plain and the step errs
@@ -90,7 +90,7 @@ def test_mixing_scaled_and_unscaled_micro_batches_in_a_window_is_refused() -> No
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     for first, second in [(scaler, None), (None, scaler)]:
         state, _ = accumfn.accumulate(
-            accumfn.init(STEPS), mse(model, x[:3], y[:3]), model, scaler=first
+            accumfn.init(STEPS, max_grad_norm=None), mse(model, x[:3], y[:3]), model, scaler=first
         )
         before = _snapshot(model, optimizer, scaler)
         with pytest.raises(ConfigError, match="every micro-batch of a window"):
@@ -102,7 +102,7 @@ def test_mixing_scaled_and_unscaled_micro_batches_in_a_window_is_refused() -> No
 def test_a_disabled_scaler_counts_as_none_on_either_side() -> None:
     model, ref, optimizer, x, y = _setup(3)
     off = torch.amp.GradScaler("cpu", enabled=False)
-    state = accumfn.init(STEPS)
+    state = accumfn.init(STEPS, max_grad_norm=None)
     for w, (acc_scaler, step_scaler) in enumerate([(off, None), (None, off)]):
         xs, ys = x[w * STEPS * MICRO :][: STEPS * MICRO], y[w * STEPS * MICRO :][: STEPS * MICRO]
         closed = _accumulate_window(state, model, xs, ys, acc_scaler)
@@ -114,7 +114,7 @@ def test_a_disabled_scaler_counts_as_none_on_either_side() -> None:
 def test_window_scaled_survives_to_dict_and_a_state_saved_without_it_is_not_checked() -> None:
     model, ref, optimizer, x, y = _setup(4)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    state = accumfn.init(STEPS)
+    state = accumfn.init(STEPS, max_grad_norm=None)
     state, _ = accumfn.accumulate(state, mse(model, x[:3], y[:3]), model, scaler=scaler)
     saved = state.to_dict()
     assert saved["window_scaled"] is True
@@ -157,7 +157,7 @@ def test_window_scaled_must_be_none_while_the_window_is_empty() -> None:
 
 
 def test_micro_step_takes_scaled_as_a_bool_only() -> None:
-    state = accumfn.init(2)
+    state = accumfn.init(2, max_grad_norm=None)
     with pytest.raises(ConfigError, match="scaled must be True or False, got 1"):
         accumfn.core.micro_step(state, scaled=1)  # type: ignore[arg-type]
     assert accumfn.core.micro_step(state, scaled=True)[0].window_scaled is True

@@ -123,7 +123,7 @@ def test_accumulator_with_grad_scaler_and_scheduler() -> None:
 def test_without_a_scheduler_nothing_else_changes() -> None:
     model = mlp(3)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    state = accumfn.init(2)
+    state = accumfn.init(2, max_grad_norm=None)
     for x, y in _micro_batches(3, 4):
         state, stepped = accumfn.accumulate(state, mse(model, x, y), model)
         if stepped:

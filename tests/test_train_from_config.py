@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,9 @@ def test_stopped_mid_window_and_resumed_equals_large_batch(
     assert not (run_dir / "final.pt").exists()
     second = run(*common, cwd=tmp_path)
     assert f"resumed at micro-step {stop}, {held} micro-batches into a window" in second
+    # Steps are numbered from 0, and the resumed run goes on from the step it stopped in.
+    steps = [int(step) for step in re.findall(r": step (\d+) applied", first + second)]
+    assert steps == list(range(len(steps))), steps
     params = load_checkpoint(run_dir / "final.pt")["model"]
     reference = large_batch_params(config)
     for name, value in reference.items():

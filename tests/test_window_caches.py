@@ -81,7 +81,9 @@ def test_a_param_group_added_mid_run_joins_the_window(api: str) -> None:
 def test_checks_run_again_for_a_new_optimizer_or_model() -> None:
     model = _model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    state, stepped = accumfn.accumulate(accumfn.init(1), mse(model, *data(8, 4)), model)
+    state, stepped = accumfn.accumulate(
+        accumfn.init(1, max_grad_norm=None), mse(model, *data(8, 4)), model
+    )
     assert stepped
     state = accumfn.step_window(state, sgd, model).state  # checked once, remembered
     state, _ = accumfn.accumulate(state, mse(model, *data(9, 4)), model)
@@ -102,7 +104,9 @@ def test_checks_run_again_for_a_new_optimizer_or_model() -> None:
 def test_hooks_are_checked_on_every_window_after_the_checks_are_remembered() -> None:
     model = _model()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    state, _ = accumfn.accumulate(accumfn.init(1), mse(model, *data(8, 4)), model)
+    state, _ = accumfn.accumulate(
+        accumfn.init(1, max_grad_norm=None), mse(model, *data(8, 4)), model
+    )
     state = accumfn.step_window(state, sgd, model).state  # checked once, remembered
     state, _ = accumfn.accumulate(state, mse(model, *data(9, 4)), model)
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
@@ -207,7 +211,7 @@ def test_complex_parameters_keep_their_imaginary_part_in_a_short_window() -> Non
         return (xb @ w.T).abs().pow(2).mean()
 
     optimizer = torch.optim.SGD([weight], lr=0.1)
-    state = accumfn.init(4)
+    state = accumfn.init(4, max_grad_norm=None)
     for index, xb in enumerate(x.split(4)):  # 2 of a window of 4: rescaled by 4/2
         state, stepped = accumfn.accumulate(
             state, loss(weight, xb), nn.Module(), is_final_batch=index == 1
@@ -226,7 +230,7 @@ def test_accumulate_refuses_a_model_that_is_not_a_module(bad: str | None) -> Non
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     given = optimizer if bad == "optimizer" else None
-    state = accumfn.init(2)
+    state = accumfn.init(2, max_grad_norm=None)
     state, _ = accumfn.accumulate(state, mse(model, *data(12, 4)), model)
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     del model  # the model seen last is gone: no cache may stand in for it
@@ -243,7 +247,7 @@ def test_a_model_used_with_accumfn_is_freed_when_the_user_drops_it() -> None:
     for seed in range(3):
         model = _model()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        state = accumfn.init(1)
+        state = accumfn.init(1, max_grad_norm=None)
         state, _ = accumfn.accumulate(state, mse(model, *data(seed, 4)), model)
         accumfn.step_window(state, optimizer, model)
         accumulator = GradientAccumulator(optimizer, 1)

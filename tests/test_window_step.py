@@ -165,7 +165,11 @@ def test_no_warning_when_every_trainable_param_is_covered() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run_functional(
-            micro_batches(1, 4), lambda x, y: mse(model(x), y), model, opt, accumfn.init(2)
+            micro_batches(1, 4),
+            lambda x, y: mse(model(x), y),
+            model,
+            opt,
+            accumfn.init(2, max_grad_norm=None),
         )
 
 
@@ -208,7 +212,7 @@ def test_skip_nonfinite_sees_a_nan_in_the_encoder() -> None:
     params = [*encoder.parameters(), *decoder.parameters()]
     opt = torch.optim.SGD(params, lr=0.1)
     before = [p.detach().clone() for p in params]
-    state = accumfn.init(2, skip_nonfinite=True)
+    state = accumfn.init(2, skip_nonfinite=True, max_grad_norm=None)
     for x, y in micro_batches(3, 2):
         poison = encoder[0].weight.sum() * torch.tensor(math.nan)  # NaN grads in the encoder
         state, stepped = accumfn.accumulate(state, mse(decoder(encoder(x)), y) + poison, decoder)
@@ -306,7 +310,7 @@ def test_several_optimizers_skip_the_window_whole() -> None:
     scheds = [torch.optim.lr_scheduler.StepLR(o, 1) for o in opts]
     scaler = GradScaler("cpu", init_scale=2.0**12)
     before = [p.detach().clone() for p in model.parameters()]
-    state = accumfn.init(2)
+    state = accumfn.init(2, max_grad_norm=None)
     for x, y in micro_batches(5, 2):
         loss_a, loss_b = model.losses(x, y)
         poison = model.head_b.weight.sum() * torch.tensor(math.inf)
@@ -325,17 +329,17 @@ def test_several_optimizers_checkpoint_mid_window() -> None:
     straight = TwoHeads(6)
     run_functional(
         batches, lambda x, y: sum(straight.losses(x, y)), straight, straight.optimizers(),
-        accumfn.init(4),
+        accumfn.init(4, max_grad_norm=None),
     )  # fmt: skip
     model = TwoHeads(6)
-    state = accumfn.init(4)
+    state = accumfn.init(4, max_grad_norm=None)
     for x, y in batches[:2]:
         state, _ = accumfn.accumulate(state, sum(model.losses(x, y)), model)
     saved = accumfn.checkpoint.capture(state, model.optimizers())
     assert len(saved["partial_grads"]) == len(list(model.parameters()))
     resumed = TwoHeads(6)
     opts = resumed.optimizers()
-    state = accumfn.checkpoint.restore(saved, accumfn.init(4), opts)
+    state = accumfn.checkpoint.restore(saved, accumfn.init(4, max_grad_norm=None), opts)
     for x, y in batches[2:]:
         state, _ = accumfn.accumulate(state, sum(resumed.losses(x, y)), resumed)
     accumfn.apply_step(state, opts, resumed)
@@ -346,7 +350,7 @@ def test_reset_epoch_discards_every_optimizers_window() -> None:
     model = TwoHeads(8)
     model.extra = nn.Linear(16, 3)  # trainable, in no optimizer: left alone
     opts = model.optimizers()
-    state = accumfn.init(4)
+    state = accumfn.init(4, max_grad_norm=None)
     x, y = micro_batches(8, 1)[0]
     loss = sum(model.losses(x, y)) + mse(model.extra(model.trunk(x)), y)
     state, _ = accumfn.accumulate(state, loss, model)
@@ -375,7 +379,7 @@ def closed_window(seed: int, steps: Any = 2) -> tuple[nn.Module, torch.optim.Opt
     torch.manual_seed(seed)
     model = nn.Linear(6, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    state = accumfn.init(steps)
+    state = accumfn.init(steps, max_grad_norm=None)
     for x, y in micro_batches(seed, state.window):
         state, stepped = accumfn.accumulate(state, mse(model(x), y), model)
     assert stepped
@@ -545,7 +549,7 @@ def test_two_accumulators_sharing_a_grad_scaler_are_refused() -> None:
     with pytest.raises(ConfigError, match=pattern):
         GradientAccumulator(opt_d, 2, scaler=scaler)
     # functional: refused at the second set's step, before it changes anything
-    state = accumfn.init(1)
+    state = accumfn.init(1, max_grad_norm=None)
     x, y = micro_batches(15, 1)[0]
     state, _ = accumfn.accumulate(state, sum(disc.losses(x, y)), disc, scaler=scaler)
     before = snapshot(disc, opt_d, scaler, state)
@@ -623,7 +627,7 @@ def test_sparse_gradients_skip_a_nonfinite_window() -> None:
     model = SparseModel(18)
     opts = model.optimizers("SparseAdam+Adam")
     before = [p.detach().clone() for p in model.parameters()]
-    state = accumfn.init(2, skip_nonfinite=True)
+    state = accumfn.init(2, skip_nonfinite=True, max_grad_norm=None)
     for index, (x, y) in enumerate(token_batches(18, 2)):
         scale = math.nan if index == 1 else 1.0  # NaN in the sparse gradient too
         state, _ = accumfn.accumulate(state, mse(model(x), y) * scale, model)
@@ -642,7 +646,7 @@ def test_low_precision_rescale_beyond_fp16_range(dtype: torch.dtype) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-4)
     state, _ = accumfn.accumulate(
-        accumfn.init(2**17), mse(model(x), y) * 1000, model, is_final_batch=True
+        accumfn.init(2**17, max_grad_norm=None), mse(model(x), y) * 1000, model, is_final_batch=True
     )
     assert state.grad_scale == 2.0**17
     accumfn.apply_step(state, opt, model)
@@ -675,7 +679,7 @@ def test_fp16_params_with_a_grad_scaler_get_the_hint_before_anything_changes() -
     x, y = micro_batches(20, 1)[0]
     h = model.trunk(x)
     loss = mse(model.head_a(h), y) + mse(model.head_b(h.half()).float(), y)
-    state, _ = accumfn.accumulate(accumfn.init(1), loss, model, scaler=scaler)
+    state, _ = accumfn.accumulate(accumfn.init(1, max_grad_norm=None), loss, model, scaler=scaler)
     before = snapshot(model, *opts, scaler, state)
     with pytest.raises(ConfigError, match=pattern):
         accumfn.apply_step(state, opts, model, scaler=scaler)
@@ -691,7 +695,7 @@ def test_backward_already_run_gets_a_loss_error(api: str) -> None:
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     acc = GradientAccumulator(opt, 2)
-    state = accumfn.init(2)
+    state = accumfn.init(2, max_grad_norm=None)
     x, y = micro_batches(21, 1)[0]
     loss = mse(model(x), y)
     loss.backward()
@@ -710,7 +714,7 @@ def test_second_optimizer_failing_names_the_one_that_stepped_and_the_window_is_s
     model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 3))
     first = torch.optim.SGD(model[0].parameters(), lr=0.1)
     second = FailingSGD(model[1].parameters(), fail_on={1})
-    state = accumfn.init(2)
+    state = accumfn.init(2, max_grad_norm=None)
     for x, y in micro_batches(15, 2):
         state, stepped = accumfn.accumulate(state, mse(model(x), y), model)
     assert stepped

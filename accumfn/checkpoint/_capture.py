@@ -6,6 +6,7 @@ that will use it, and only then changes anything.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,16 +18,18 @@ from torch import nn
 from torch.amp import GradScaler
 
 from .. import core
-from ..core import AccumState, ByStep
+from ..core import AccumState, ByStep, window_progress
 from ..errors import CheckpointError, ConfigError, StateFormatError
 from ..grads import buffers, is_dtensor, optimizer_params, zero_grads_
 from ..parallel import clear_failures, exchange, strategy
-from ..step import all_guards, existing_guard, guards_of
+from ..step import all_guards, existing_guard, guards_of, restore_tally, settle
 
 __all__ = ["agreeing_groups", "capture", "refuse_together", "restore"]
 
 _KEYS = frozenset({"accumfn", "partial_grads", "scaler", "rank"})
 _KEYS_V1 = _KEYS - {"rank"}  # checkpoints of accumfn 0.1, saved on one process
+_LOSS_KEY = "window_loss"
+"""Present inside a window only: the sum of the open window's losses so far (a float)."""
 _SCALER_KEYS: dict[str, type] = {
     "scale": float,
     "growth_factor": float,
@@ -82,14 +85,19 @@ def capture(
     without ``sync_every_micro_step`` the open window's gradients live inside FSDP2, out of
     reach: capturing them there raises ``CheckpointError``. Loadable with
     ``torch.load(weights_only=True)``.
+
+    Inside a window whose ``num_items`` were given as tensors, their count is read (once)
+    and saved in the state's ``window_items``; the sum of the window's losses so far is
+    saved under ``"window_loss"``, so the resumed window's loss is the whole window's.
     """
+    state, loss_sum = settle(state)
     grads: list[torch.Tensor | None] | None = None
     params = list(optimizer_params(optimizer))
     if state.is_accumulating:
         if not state.config.sync_every_micro_step and any(is_dtensor(p) for p in params):
             raise CheckpointError(
-                f"cannot checkpoint inside a window under FSDP2 ({state.micro_step} of "
-                f"{state.window} micro-steps): FSDP2 keeps the open window's gradients "
+                f"cannot checkpoint inside a window under FSDP2 ({window_progress(state)}): "
+                f"FSDP2 keeps the open window's gradients "
                 f"unsharded inside its own parameters until the window's reduce-scatter, out "
                 f"of reach of a checkpoint. Checkpoint at a window boundary (when "
                 f"state.is_accumulating is False, e.g. right after apply_step), or build the "
@@ -101,12 +109,15 @@ def capture(
         optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer
         for guard in guards_of(optimizers) or all_guards():
             guard.saved()
-    return {
+    data: dict[str, Any] = {
         "accumfn": state.to_dict(),
         "partial_grads": grads,
         "scaler": scaler.state_dict() if scaler is not None and _scaler_on(scaler) else None,
         "rank": _rank() if state.is_accumulating else None,
     }
+    if loss_sum is not None:
+        data[_LOSS_KEY] = loss_sum
+    return data
 
 
 def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -129,7 +140,8 @@ def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str:
 
 
 def _parse(data: object, current: AccumState) -> tuple[Mapping[str, Any], AccumState]:
-    if not isinstance(data, Mapping) or set(data) not in (_KEYS, _KEYS_V1):
+    keys = set(data) - {_LOSS_KEY} if isinstance(data, Mapping) else set()
+    if not isinstance(data, Mapping) or keys not in (_KEYS, _KEYS_V1):
         got = sorted(map(str, data)) if isinstance(data, Mapping) else type(data).__name__
         raise CheckpointError(
             f"not an accumfn checkpoint: expected a dict with keys {sorted(_KEYS)}, got {got}. "
@@ -173,10 +185,10 @@ def _resolve_config(
         )
     if saved.is_accumulating:
         raise CheckpointError(
-            f"the checkpoint was taken inside a window ({saved.micro_step} of {saved.window} "
-            f"micro-steps) whose gradients were scaled for the old config, so "
-            f"allow_config_change needs a checkpoint taken at a window boundary: resume under "
-            f"the old config up to the next boundary, checkpoint there, then change. "
+            f"the checkpoint was taken inside a window ({window_progress(saved)}) whose "
+            f"gradients were scaled for the old config, so allow_config_change needs a "
+            f"checkpoint taken at a window boundary: resume under the old config up to the "
+            f"next boundary, checkpoint there, then change. "
             f"Differences: {diff}."
         )
     window = current.config.schedule.window(saved.epoch, saved.effective_step)
@@ -303,6 +315,7 @@ def restore(
         scaler_state = _check_scaler(data["scaler"], resumed, scaler, allow_config_change)
         pairs = _check_grads(data["partial_grads"], resumed, optimizer)
         saved_by = _saved_by(data.get("rank"))
+        loss_sum = _window_loss(data.get(_LOSS_KEY), resumed)
     except Exception:
         refuse_together(state, groups)  # the other ranks learn it in the same exchange
         raise
@@ -328,7 +341,20 @@ def restore(
     optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer
     for guard in {id(g): g for g in [existing_guard(model), *guards_of(optimizers)] if g}.values():
         guard.restored(resumed)  # the gradients put back are the window's, as saved
-    return resumed
+    return restore_tally(resumed, loss_sum)
+
+
+def _window_loss(saved: object, resumed: AccumState) -> float | None:
+    """The saved sum of the open window's losses (nan for a checkpoint inside a window
+    saved without it: the window's loss is then unknown)."""
+    if saved is None:
+        return math.nan if resumed.is_accumulating else None
+    if isinstance(saved, bool) or not isinstance(saved, numbers.Real):
+        raise CheckpointError(
+            f"the checkpoint's window_loss must be a number, got {type(saved).__name__}. "
+            f"Pass what state_dict()/capture() returned."
+        )
+    return float(saved)
 
 
 def _as_grad_of(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _ignore_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ignore", action="append", default=[], metavar="KEY",
+        help="a key of the --config section that your own code reads (repeat for more); "
+        "any other key that is not a setting is an error, as in AccumulationConfig.from_yaml",
+    )  # fmt: skip
+
+
 # -- accumfn plan -----------------------------------------------------------------------------
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
@@ -129,6 +137,7 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps", type=positive_int, metavar="S",
         help="gradient accumulation steps, with --batch-size: the effective batch they give",
     )  # fmt: skip
+    _ignore_argument(parser)
     parser.add_argument(
         "--lr", type=positive_float, metavar="LR",
         help="learning rate tuned at --base-batch: prints the scaled learning rates",
@@ -146,7 +155,10 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
 def _plan(args: argparse.Namespace) -> int:
     from ..config import plan_text
 
-    names = ("config", "section", "batch_size", "steps", "target", "devices", "lr", "base_batch")
+    names = (
+        "config", "section", "ignore", "batch_size", "steps", "target", "devices", "lr",
+        "base_batch",
+    )  # fmt: skip
     print(plan_text(rule=args.rule, **{name: getattr(args, name) for name in names}))
     return 0
 
@@ -155,18 +167,19 @@ def _plan(args: argparse.Namespace) -> int:
 def _check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", metavar="FILE",
-        help="YAML file with the accumulation settings (default: batch 8 x 4 steps)",
+        help="YAML file with the accumulation settings (default: batch 8 x 4 steps, clip 1.0)",
     )  # fmt: skip
     parser.add_argument(
         "--section", default="training", metavar="NAME",
         help="section of --config holding the settings (default: %(default)s)",
     )  # fmt: skip
+    _ignore_argument(parser)
 
 
 def _check(args: argparse.Namespace) -> int:
     from ._check import check_command
 
-    return check_command(args.config, args.section)
+    return check_command(args.config, args.section, args.ignore)
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -203,9 +216,11 @@ COMMANDS: tuple[Command, ...] = (
         help="verify that accumulation works here (exit code 0 if it does)",
         description=(
             "Checks on this machine, on CPU, under the config given (default: batch_size 8, "
-            "gradient_accumulation_steps 4): (1) accumulated micro-batch gradients equal one "
-            "large batch, (2) the accumulator's counters and windows follow the config, (3) a "
-            "checkpoint saved mid-window and restored in a fresh process resumes exactly. "
+            "gradient_accumulation_steps 4, max_grad_norm 1.0; a file is read as "
+            "AccumulationConfig.from_yaml reads it): (1) accumulated micro-batch gradients "
+            "equal one large batch, (2) the accumulator's counters and windows follow the "
+            "config, (3) a checkpoint saved mid-window and restored in a fresh process resumes "
+            "exactly. "
             "Prints PASS/FAIL with a figure for each; exit code 0 only if all pass."
         ),
         add_arguments=_check_arguments,

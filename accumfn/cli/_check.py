@@ -31,7 +31,7 @@ from torch import nn
 
 from ..accumulator import GradientAccumulator
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..config import AccumulationConfig
+from ..config import AccumulationConfig, clipping_text
 from ..core import init
 from ..step import accumulate, apply_step, reset_epoch
 
@@ -72,7 +72,7 @@ def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
 
 def _window(config: AccumulationConfig, epoch: int) -> int:
     """The window the config asks for in ``epoch``, by hand (not through the core)."""
-    steps = config.gradient_accumulation_steps
+    steps = config.schedule
     if isinstance(steps, int):
         return steps
     started = [size for start, size in sorted(steps.items()) if start <= epoch]
@@ -81,7 +81,7 @@ def _window(config: AccumulationConfig, epoch: int) -> int:
 
 def _epochs(config: AccumulationConfig) -> list[int]:
     """The epochs whose window differs from the one before, and epoch 0."""
-    steps = config.gradient_accumulation_steps
+    steps = config.schedule
     return [0] if isinstance(steps, int) else sorted({0, *steps})
 
 
@@ -196,7 +196,7 @@ def check_counters(config: AccumulationConfig) -> str:
             wanted = (closes, 0 if closes else in_window, total, expected_steps)
             _expect(
                 seen == wanted and optimizer_steps == expected_steps,
-                f"epoch {epoch}, micro-batch {i + 1}: (stepped, in window, micro-steps, "
+                f"epoch {epoch}, after {i + 1} micro-batches: (stepped, in window, micro-steps, "
                 f"optimizer steps) = {seen}, optimizer.step() ran {optimizer_steps} times; "
                 f"expected {wanted}",
             )
@@ -332,20 +332,28 @@ def run_checks(config: AccumulationConfig) -> Iterator[CheckResult]:
 
 
 def describe(config: AccumulationConfig) -> str:
-    steps = config.gradient_accumulation_steps
+    steps = config.schedule
+    clipping = f"; clipping {clipping_text(config.max_grad_norm)}"
     if isinstance(steps, dict):
-        return f"batch_size {config.batch_size}, gradient_accumulation_steps {steps} by epoch"
+        return (
+            f"batch_size {config.batch_size}, gradient_accumulation_steps {steps} by epoch"
+            f"{clipping}"
+        )
     return (
         f"batch_size {config.batch_size} x gradient_accumulation_steps {steps} = effective "
-        f"batch {config.effective_batch_size}"
+        f"batch {config.effective_batch_size}{clipping}"
     )
 
 
-def check_command(path: str | None, section: str = "training") -> int:
-    """``accumfn check [--config PATH]``: the seed's config by default."""
+def check_command(path: str | None, section: str = "training", ignore: Sequence[str] = ()) -> int:
+    """``accumfn check [--config PATH]``: the seed's config by default.
+
+    The file is read by ``AccumulationConfig.from_yaml(path, section, ignore=ignore)``, as
+    ``accumfn plan --config`` and the user's training script read it.
+    """
     if path is None:
         return main(AccumulationConfig(gradient_accumulation_steps=4, batch_size=8), "default")
-    config = AccumulationConfig.from_yaml(path, section, only_known=True)
+    config = AccumulationConfig.from_yaml(path, section, ignore=ignore)
     return main(config, f"{path} [{section}]")
 
 

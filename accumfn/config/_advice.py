@@ -8,12 +8,18 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from ..core import check_choice, check_count, check_positive_float
+from ..core import DEFAULT_MAX_GRAD_NORM, check_choice, check_count, check_positive_float
 from ..errors import ConfigError
 from ._settings import AccumulationConfig
 from .lr import LR_RULES, lr_factor
 
-__all__ = ["format_batch_table", "format_lr_advice", "plan_text", "same_batch_rows"]
+__all__ = [
+    "clipping_text",
+    "format_batch_table",
+    "format_lr_advice",
+    "plan_text",
+    "same_batch_rows",
+]
 
 _SOURCES = {
     "linear": "Goyal et al. 2017, for SGD with warmup",
@@ -52,7 +58,7 @@ def format_batch_table(config: AccumulationConfig, devices: int = 1, mark: str =
     header += ["devices"] if devices > 1 else []
     header += ["effective batch size", ""]
     dev: list[object] = [devices] if devices > 1 else []
-    steps = config.gradient_accumulation_steps
+    steps = config.schedule
     if isinstance(steps, dict):
         table = [
             [config.batch_size, window, *dev, config.batch_size * window * devices, label]
@@ -70,6 +76,14 @@ def format_batch_table(config: AccumulationConfig, devices: int = 1, mark: str =
             " and more micro-steps per optimizer step; the update is the same)",
         ]
     return "\n".join(lines)
+
+
+def clipping_text(max_grad_norm: float | None) -> str:
+    """``"at max_grad_norm 1.0 (the default)"``: how a config clips, in words."""
+    if max_grad_norm is None:
+        return "off (max_grad_norm: null)"
+    default = " (the default)" if max_grad_norm == DEFAULT_MAX_GRAD_NORM else ""
+    return f"at max_grad_norm {max_grad_norm}{default}"
 
 
 def _phases(steps: dict[int, int]) -> list[tuple[str, int]]:
@@ -126,7 +140,7 @@ def format_lr_advice(
             "scaled value."
         )
     base_lr, base, chosen = settings
-    steps = config.gradient_accumulation_steps
+    steps = config.schedule
     phases = _phases(steps) if isinstance(steps, dict) else [("", steps)]
     lines = []
     for label, window in phases:
@@ -174,6 +188,7 @@ def plan_text(
     *,
     config: str | None,
     section: str = "training",
+    ignore: Sequence[str] = (),
     batch_size: int | None = None,
     steps: int | None = None,
     target: int | None = None,
@@ -182,7 +197,11 @@ def plan_text(
     base_batch: int | None = None,
     rule: str | None = None,
 ) -> str:
-    """What ``accumfn plan`` prints for its arguments."""
+    """What ``accumfn plan`` prints for its arguments.
+
+    ``config`` is read by ``AccumulationConfig.from_yaml(config, section, ignore=ignore)``,
+    as ``accumfn check --config`` and the user's training script read it.
+    """
 
     def advice(settings: AccumulationConfig) -> str:
         return format_lr_advice(settings, devices=devices, lr=lr, base_batch=base_batch, rule=rule)
@@ -193,14 +212,20 @@ def plan_text(
                 "--config gives batch_size and gradient_accumulation_steps: leave out "
                 "--batch-size, --steps and --target, or leave out --config."
             )
-        settings = AccumulationConfig.from_yaml(config, section, only_known=True)
+        settings = AccumulationConfig.from_yaml(config, section, ignore=ignore)
+        arguments = "".join(
+            [repr(config)]
+            + ([f", {section!r}"] if section != "training" else [])
+            + ([f", ignore={list(ignore)!r}"] if ignore else [])
+        )
         code = (
-            f"config = AccumulationConfig.from_yaml({config!r})\n"
+            f"config = AccumulationConfig.from_yaml({arguments})\n"
             f"GradientAccumulator.from_config(optimizer, config)  "
             f"# or accumfn.init(**config.init_kwargs())"
         )
         table = format_batch_table(settings, devices, mark="config")
-        return f"{config} [{section}]\n\n{table}\n\n{advice(settings)}\n\n{code}"
+        clipping = f"clipping: {clipping_text(settings.max_grad_norm)}"
+        return f"{config} [{section}]\n\n{table}\n{clipping}\n\n{advice(settings)}\n\n{code}"
     if batch_size is not None and steps is not None and target is None:
         settings = AccumulationConfig(gradient_accumulation_steps=steps, batch_size=batch_size)
         table = format_batch_table(settings, devices, mark="this")

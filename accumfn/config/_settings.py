@@ -1,6 +1,6 @@
 """``AccumulationConfig``: the accumulation settings of a config file, checked on construction.
 
-A frozen stdlib dataclass, so the config stacks that read dataclasses take it as it is
+An immutable stdlib dataclass, so the config stacks that read dataclasses take it as it is
 (OmegaConf/Hydra structured configs, ``HfArgumentParser``, jsonargparse, pydantic). It is
 checked with the same checks and messages as ``accumfn.init``; an unknown key is an error
 naming the known ones. No torch here: ``accumfn plan`` reads it without importing torch.
@@ -9,40 +9,37 @@ naming the known ones. No torch here: ``accumfn plan`` reads it without importin
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
-from ..core import ByEpoch, Constant, check_choice, check_count, check_positive_float, closest
-from ..errors import ConfigError, MissingDependencyError
-from .lr import LR_RULES, LRRule, lr_factor
+from ..core import (
+    DEFAULT_MAX_GRAD_NORM,
+    ByEpoch,
+    check_choice,
+    check_count,
+    check_positive_float,
+    closest,
+)
+from ..errors import ConfigError
+from ._names import nested_settings, never_skipped, other_name
+from ._steps import schedule, steps_value
+from ._yaml import read_yaml
+from .lr import LR_RULES, lr_factor
 
 __all__ = ["AccumulationConfig"]
 
-_ALIASES: Final = {
-    "accumulate_grad_batches": "gradient_accumulation_steps",
-    "accumulation_steps": "gradient_accumulation_steps",
-    "grad_accum_steps": "gradient_accumulation_steps",
-    "steps": "gradient_accumulation_steps",
-    "per_device_train_batch_size": "batch_size",
-    "micro_batch_size": "batch_size",
-    "gradient_clip_val": "max_grad_norm",
-    "clip_grad_norm": "max_grad_norm",
-    "lr": "learning_rate",
-    "base_batch": "base_batch_size",
-}
-"""Names other trainers use, suggested when one of them comes in as an unknown key."""
+
+def _help(text: str, **argparse: Any) -> Any:
+    """A field's help, the one text that ``--help`` (HfArgumentParser, jsonargparse) and the
+    JSON schema (pydantic) show; ``argparse`` adds arguments HfArgumentParser passes on."""
+    return {"help": text, **argparse}
 
 
-def _help(text: str) -> Any:
-    return {"help": text}
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(unsafe_hash=True)  # immutable by __setattr__, not frozen=True: below
 class AccumulationConfig:
     """Accumulation settings, as ``training:`` in a config file::
 
@@ -55,11 +52,12 @@ class AccumulationConfig:
     accumfn: build the optimizer with ``config.scaled_learning_rate``.
     """
 
-    gradient_accumulation_steps: int | dict[int, int] = dataclasses.field(
+    gradient_accumulation_steps: int | str = dataclasses.field(
         default=1,
         metadata=_help(
-            "the number of micro-batches per optimizer step: an int >= 1, or {epoch: steps} "
-            "(the last key <= epoch wins, 1 before the first key)"
+            "the number of micro-batches per optimizer step: an int >= 1, or an epoch "
+            "schedule {epoch: steps} such as '{0: 2, 3: 4}' (the last epoch <= the current "
+            "one wins, 1 before the first)"
         ),
     )
     batch_size: int = dataclasses.field(
@@ -67,9 +65,10 @@ class AccumulationConfig:
         metadata=_help("the number of samples per micro-batch on each process, an int >= 1"),
     )
     max_grad_norm: float | None = dataclasses.field(
-        default=None,
+        default=DEFAULT_MAX_GRAD_NORM,
         metadata=_help(
-            "the norm the accumulated gradient is clipped to, a number > 0, or null (None)"
+            "the norm the accumulated gradient is clipped to, a number > 0, or null (None) "
+            "for no clipping"
         ),
     )
     skip_nonfinite: bool = dataclasses.field(
@@ -83,17 +82,23 @@ class AccumulationConfig:
     learning_rate: float | None = dataclasses.field(
         default=None, metadata=_help("the learning rate, a number > 0, or null (None)")
     )
-    lr_scaling: LRRule = dataclasses.field(
+    lr_scaling: str = dataclasses.field(
         default="none",
         metadata=_help(
             "'none', 'linear' or 'sqrt': how scaled_learning_rate scales learning_rate "
-            "from base_batch_size to the effective batch"
+            "from base_batch_size to the effective batch",
+            choices=LR_RULES,
         ),
     )
     base_batch_size: int | None = dataclasses.field(
         default=None,
         metadata=_help("the batch size learning_rate was tuned at, an int >= 1, or null (None)"),
     )
+
+    __pydantic_config__: ClassVar[dict[str, Any]] = {
+        "json_schema_extra": lambda schema, cls: _describe(schema)
+    }
+    """pydantic's settings for this stdlib dataclass: the help texts in the JSON schema."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -105,6 +110,27 @@ class AccumulationConfig:
             if checked is not value:
                 object.__setattr__(self, field.name, checked)
         self._check_lr_scaling()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """A field is set once, checked, by ``__init__``; assigning it again raises
+        ``FrozenInstanceError`` (build another with ``dataclasses.replace``). Not declared
+        ``frozen=True``: OmegaConf makes a frozen dataclass a read-only node, into which
+        Hydra cannot merge a file or a command-line override."""
+        if name in self.__dict__:
+            raise dataclasses.FrozenInstanceError(
+                f"cannot assign to field {name!r}: an AccumulationConfig is checked once, "
+                f"when built; use dataclasses.replace(config, {name}=...)."
+            )
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}.")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle through the checks: a config pickled by an earlier version (an epoch
+        schedule held as a dict) comes back as this version holds it, with its own
+        ``max_grad_norm``."""
+        type(self).__init__(self, **state)
 
     def _check_lr_scaling(self) -> None:
         if self.lr_scaling == "none":
@@ -118,7 +144,7 @@ class AccumulationConfig:
                 f"learning_rate to the rate tuned at base_batch_size samples per step, or "
                 f"set lr_scaling to 'none'."
             )
-        if isinstance(self.gradient_accumulation_steps, dict):
+        if isinstance(self.gradient_accumulation_steps, str):
             raise ConfigError(
                 f"lr_scaling={self.lr_scaling!r} needs one effective batch size, but "
                 f"gradient_accumulation_steps changes by epoch "
@@ -127,11 +153,16 @@ class AccumulationConfig:
             )
 
     # -- what it gives --------------------------------------------------------------------
+    @property
+    def schedule(self) -> int | dict[int, int]:
+        """``gradient_accumulation_steps`` as ``accumfn.init(steps=...)`` takes it: the int,
+        or the epoch schedule as ``{epoch: steps}``."""
+        return schedule(self.gradient_accumulation_steps)
+
     def init_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``accumfn.init``: ``accumfn.init(**config.init_kwargs())``."""
-        steps = self.gradient_accumulation_steps
         return {
-            "steps": dict(steps) if isinstance(steps, dict) else steps,
+            "steps": self.schedule,
             "max_grad_norm": self.max_grad_norm,
             "batch_size": self.batch_size,
             "skip_nonfinite": self.skip_nonfinite,
@@ -141,7 +172,7 @@ class AccumulationConfig:
     def steps_at(self, epoch: int) -> int:
         """The accumulation window in ``epoch`` (0-based)."""
         epoch = check_count("epoch", epoch, minimum=0)
-        steps = self.gradient_accumulation_steps
+        steps = self.schedule
         return steps if isinstance(steps, int) else ByEpoch(steps).window(epoch, 0)
 
     def effective_batch_size_at(self, epoch: int) -> int:
@@ -154,7 +185,7 @@ class AccumulationConfig:
         data-parallel processes for the whole step). An epoch schedule has one per epoch:
         this raises ConfigError naming ``effective_batch_size_at(epoch)``."""
         steps = self.gradient_accumulation_steps
-        if isinstance(steps, dict):
+        if isinstance(steps, str):
             raise ConfigError(
                 f"gradient_accumulation_steps changes by epoch ({steps}), so there is no single "
                 f"effective batch size: use config.effective_batch_size_at(epoch)."
@@ -184,9 +215,11 @@ class AccumulationConfig:
 
         Every key must be a field; ``ignore`` names keys your own code reads (they are
         skipped). ``only_known=True`` skips every other key (an argparse namespace of a whole
-        script) except one that looks like a misspelled field, which is still an error.
+        script), except those that would change the training if dropped: another trainer's
+        name for a setting (``accumulate_grad_batches``), settings nested one level too
+        deep, and a near miss of a field. Those are errors.
         """
-        return _build(cls, _plain(mapping), set(ignore), only_known, where="")
+        return _build(cls, _plain(mapping), set(ignore), only_known, where="", section=None)
 
     @classmethod
     def from_yaml(
@@ -199,10 +232,12 @@ class AccumulationConfig:
     ) -> AccumulationConfig:
         """Read ``section`` (dotted for nested, None for the whole file) of a YAML file.
 
-        Needs PyYAML (``pip install 'accumfn[config]'``). Numbers such as ``3e-4`` are read
-        as numbers (YAML 1.2), not as strings as PyYAML's default does.
+        The file is read as YAML 1.2 (``pip install 'accumfn[config]'`` for ruamel.yaml):
+        ``3e-4`` is a number, ``010`` is 10, ``1:30`` and ``yes`` are text, and a key written
+        twice is an error naming both lines. ``accumfn check --config`` and ``accumfn plan
+        --config`` read files with this function, with the same arguments.
         """
-        data = _read_yaml(Path(path))
+        data = read_yaml(Path(path))
         where = str(path)
         if section is not None:
             for part in section.split("."):
@@ -221,19 +256,7 @@ class AccumulationConfig:
                 f"{data!r} of type {type(data).__name__}; e.g. 'batch_size: 8' and "
                 f"'gradient_accumulation_steps: 4' on their own lines."
             )
-        return _build(cls, dict(data), set(ignore), only_known, where=where)
-
-
-def _steps(value: object) -> int | dict[int, int]:
-    if isinstance(value, Mapping):
-        return dict(ByEpoch(value).table)
-    if callable(value) or isinstance(value, (Constant, ByEpoch)):
-        raise ConfigError(
-            f"gradient_accumulation_steps must be an int or {{epoch: steps}} in a config, got "
-            f"{value!r}; a callable schedule cannot be written in a config file: pass it to "
-            f"accumfn.init(steps=...) or GradientAccumulator(...) directly."
-        )
-    return check_count("gradient_accumulation_steps", value)
+        return _build(cls, dict(data), set(ignore), only_known, where=where, section=section)
 
 
 def _flag(name: str) -> Callable[[object], bool]:
@@ -254,7 +277,7 @@ def _learning_rate(value: object) -> float | None:
 
 
 _CHECKS: Final[dict[str, Callable[[object], object]]] = {
-    "gradient_accumulation_steps": _steps,
+    "gradient_accumulation_steps": steps_value,
     "batch_size": lambda value: check_count("batch_size", value),
     "max_grad_norm": lambda value: check_positive_float("max_grad_norm", value, allow_none=True),
     "skip_nonfinite": _flag("skip_nonfinite"),
@@ -264,6 +287,7 @@ _CHECKS: Final[dict[str, Callable[[object], object]]] = {
     "base_batch_size": _optional_count("base_batch_size"),
 }
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_YAML11_BOOLEANS: Final = frozenset({"yes", "no", "on", "off", "y", "n"})
 
 
 def _with_fix(message: str, field: dataclasses.Field[Any], value: object) -> str:
@@ -271,7 +295,30 @@ def _with_fix(message: str, field: dataclasses.Field[Any], value: object) -> str
     quoted = ""
     if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         quoted = f" Write it as a number, without quotes ({field.name}: {value.strip()})."
+    elif isinstance(value, str) and value.strip().lower() in _YAML11_BOOLEANS:
+        quoted = f" YAML 1.2 reads {value.strip()} as text: write true or false."
     return f"{message} {field.name} is {field.metadata['help']}.{quoted}"
+
+
+def _describe(schema: dict[str, Any]) -> None:
+    """Each field's help as its description in pydantic's JSON schema, and lr_scaling's
+    choices as an enum."""
+    properties = schema.get("properties", {})
+    for field in dataclasses.fields(AccumulationConfig):
+        if field.name in properties:
+            properties[field.name]["description"] = field.metadata["help"]
+    if "lr_scaling" in properties:
+        properties["lr_scaling"]["enum"] = list(LR_RULES)
+
+
+def _docstring_args() -> str:
+    """The fields' help as an ``Args:`` section, where jsonargparse's ``--help`` reads it."""
+    fields = dataclasses.fields(AccumulationConfig)
+    rows = [f"        {field.name}: {field.metadata['help']}" for field in fields]
+    return "\n    Args:\n" + "\n".join(rows) + "\n"
+
+
+AccumulationConfig.__doc__ = f"{AccumulationConfig.__doc__}{_docstring_args()}"
 
 
 def _plain(mapping: object) -> dict[str, Any]:
@@ -300,6 +347,7 @@ def _build(
     ignore: set[str],
     only_known: bool,
     where: str,
+    section: str | None,
 ) -> AccumulationConfig:
     names = [field.name for field in dataclasses.fields(cls)]
     prefix = f"{where}: " if where else ""
@@ -307,76 +355,31 @@ def _build(
     for key, value in data.items():
         if key in names:
             kwargs[key] = value
-        elif key in ignore or (only_known and not _misspelled(key, names, data)):
+        elif key in ignore or (only_known and not never_skipped(key, value, names, data)):
             continue
         else:
-            hint = _suggestion(str(key), names)
-            raise ConfigError(
-                f"{prefix}unknown key {key!r} with value {value!r}{hint}. Known keys: "
-                f"{', '.join(names)}. Fix the spelling, or pass ignore=[{str(key)!r}] for a "
-                f"key your own code reads."
-            )
+            raise ConfigError(f"{prefix}{_unknown(str(key), value, names, section)}")
     try:
         return cls(**kwargs)
     except ConfigError as exc:
         raise ConfigError(f"{prefix}{exc}") from None
 
 
-def _suggestion(key: str, names: list[str]) -> str:
-    alias = _ALIASES.get(key.lower().replace("-", "_"))
-    if alias is not None:
-        return f" (did you mean {alias!r}? accumfn's name for it)"
-    return closest(key, names)
-
-
-def _misspelled(key: object, names: list[str], data: Mapping[Any, Any]) -> bool:
-    """Whether ``key`` is a near miss of a field that ``data`` does not set."""
-    unset = [name for name in names if name not in data]
-    return isinstance(key, str) and bool(difflib.get_close_matches(key, unset, n=1, cutoff=0.85))
-
-
-_YAML12_FLOAT = re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][-+]?\d+)?$")
-
-
-def _loader(yaml: Any) -> Any:
-    """PyYAML's SafeLoader with YAML 1.2 floats: ``3e-4`` is a number, not a string."""
-    loader: Any = type("Loader", (yaml.SafeLoader,), {})
-    loader.yaml_implicit_resolvers = {
-        key: list(value) for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-    loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
-    return loader
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        yaml = importlib.import_module("yaml")
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "reading a YAML config needs PyYAML, which is not installed: run "
-            "pip install 'accumfn[config]' (or pip install pyyaml), or load the file "
-            "yourself and pass the dict to AccumulationConfig.from_mapping."
-        ) from exc
-    if not path.is_file():
-        state = "is a directory" if path.is_dir() else "does not exist"
-        where = "" if path.is_absolute() else f"; the current directory is {os.getcwd()!r}"
-        raise ConfigError(
-            f"no config file at {str(path)!r} (it {state}{where}): check the path, e.g. "
-            f"examples/config.yaml."
+def _unknown(key: str, value: object, names: list[str], section: str | None) -> str:
+    """What is wrong with an unknown key, and how to fix it."""
+    nested = nested_settings(value, names)
+    if nested:
+        inner = f"{section}.{key}" if section else key
+        return (
+            f"key {key!r} holds {', '.join(nested)}: the settings are nested one level too "
+            f"deep. Move them up next to {key!r} (and delete it), or read that section: "
+            f"section={inner!r} (accumfn check/plan: --section {inner})."
         )
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_loader(yaml))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or exc
-        raise ConfigError(
-            f"{str(path)!r} is not valid YAML{line}: {problem}; fix the file (indent nested "
-            f"keys with spaces, one 'key: value' per line)."
-        ) from exc
-    if data is None:
-        raise ConfigError(
-            f"{str(path)!r} is empty; write the settings in it, e.g. 'training:' then "
-            f"'  batch_size: 8' and '  gradient_accumulation_steps: 4'."
-        )
-    return data
+    renamed = other_name(key, value)
+    if renamed is not None:
+        return renamed
+    return (
+        f"unknown key {key!r} with value {value!r}{closest(key, names)}. Known keys: "
+        f"{', '.join(names)}. Fix the spelling, or pass ignore=[{key!r}] (accumfn check/plan: "
+        f"--ignore {key}) for a key your own code reads."
+    )

@@ -6,6 +6,8 @@ layer says the same thing about the same mistake.
 
 from ._agree import (
     CLOSE,
+    ITEMS_COLUMN,
+    LOSS_COLUMN,
     OPEN,
     RESUME,
     SCALE_COLUMN,
@@ -16,6 +18,7 @@ from ._agree import (
     agree_at_open,
     agree_open,
     agree_resume,
+    check_counted_items,
     float_bits,
     identity_problem,
     open_view,
@@ -27,10 +30,26 @@ from ._checks import check_choice as check_choice
 from ._checks import check_count as check_count
 from ._checks import check_positive_float as check_positive_float
 from ._checks import closest as closest
-from ._schedule import ByEpoch, ByStep, Constant, Schedule, StepsSpec, schedule_from
+from ._schedule import (
+    ByEpoch,
+    ByStep,
+    CallerClosed,
+    Constant,
+    Schedule,
+    StepsSpec,
+    schedule_from,
+)
 from ._serialize import FORMAT
-from ._state import AccumConfig, AccumState, MicroPlan, Normalization
+from ._state import (
+    DEFAULT_MAX_GRAD_NORM,
+    AccumConfig,
+    AccumState,
+    MicroPlan,
+    Normalization,
+    window_progress,
+)
 from ._transitions import (
+    ON_DEVICE,
     check_state,
     check_step_scaler,
     close_window,
@@ -46,7 +65,11 @@ from ._transitions import (
 
 __all__ = [
     "CLOSE",
+    "DEFAULT_MAX_GRAD_NORM",
     "FORMAT",
+    "ITEMS_COLUMN",
+    "LOSS_COLUMN",
+    "ON_DEVICE",
     "OPEN",
     "RESUME",
     "SCALE_COLUMN",
@@ -55,6 +78,7 @@ __all__ = [
     "AccumState",
     "ByEpoch",
     "ByStep",
+    "CallerClosed",
     "Constant",
     "MicroPlan",
     "Normalization",
@@ -66,6 +90,7 @@ __all__ = [
     "agree_at_open",
     "agree_open",
     "agree_resume",
+    "check_counted_items",
     "check_state",
     "check_step_scaler",
     "close_window",
@@ -83,5 +108,6 @@ __all__ = [
     "sync_next_forward",
     "window_after",
     "window_header",
+    "window_progress",
     "window_view",
 ]

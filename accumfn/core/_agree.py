@@ -15,11 +15,13 @@ from collections.abc import Sequence
 
 import attrs
 
-from ..errors import CheckpointError, RankMismatchError
+from ..errors import CheckpointError, ConfigError, RankMismatchError
 from ._state import AccumState, Normalization
 
 __all__ = [
     "CLOSE",
+    "ITEMS_COLUMN",
+    "LOSS_COLUMN",
     "OPEN",
     "RESUME",
     "SCALE_COLUMN",
@@ -30,6 +32,7 @@ __all__ = [
     "agree_at_open",
     "agree_open",
     "agree_resume",
+    "check_counted_items",
     "float_bits",
     "identity_problem",
     "open_view",
@@ -72,7 +75,7 @@ class RankView:
     scale: int
     """The GradScaler's scale as ``float_bits`` (0 without one)."""
     window: int
-    """The planned window size."""
+    """The planned window size (0: the caller closes it, ``steps=None``)."""
     mean_mode: int
     """1 unless the window is in item mode (a window's size must agree only in mean mode)."""
     open: int
@@ -88,6 +91,9 @@ class RankView:
     """Resume only: the world size the mid-window checkpoint was taken in (0: none)."""
     refused: int = 0
     """Resume only: 1 if this rank's checkpoint was refused (its own error says why)."""
+    loss: int = 0
+    """Close only: the sum of the window's losses on this rank as ``float_bits``, written
+    by the shell on the device (0 here)."""
 
     def to_row(self) -> list[int]:
         return [int(value) for value in attrs.astuple(self)]
@@ -103,8 +109,14 @@ class RankView:
 
 WIDTH = len(attrs.fields(RankView))
 """Integers per rank in an exchange."""
-SCALE_COLUMN = [field.name for field in attrs.fields(RankView)].index("scale")
+_NAMES = [field.name for field in attrs.fields(RankView)]
+SCALE_COLUMN = _NAMES.index("scale")
 """Where the shell writes the GradScaler's scale bits (on the device, with no host read)."""
+ITEMS_COLUMN = _NAMES.index("items")
+"""Where the shell adds the items counted on the device (or writes the least count when
+one was negative), on the device."""
+LOSS_COLUMN = _NAMES.index("loss")
+"""Where the shell writes the sum of the window's losses as float64 bits, on the device."""
 
 
 def _identity(state: AccumState, kind: int, rank: int, failures: int, scale: int) -> RankView:
@@ -221,6 +233,21 @@ class WindowTotals:
         )
 
 
+def check_counted_items(items: int, rank: int | None = None) -> int:
+    """``items``, a window's item count read at its boundary (where the counts given as
+    tensors are first read), unless it is negative: then it is the least count of a
+    micro-batch (the shell writes that one when a count was negative) and this raises
+    ``ConfigError``. ``rank`` names the rank in a job of several."""
+    if items >= 0:
+        return items
+    where = "" if rank is None else f" of rank {rank}"
+    raise ConfigError(
+        f"num_items was negative ({items}) on a micro-batch{where} of this window: pass the "
+        f"number of items each loss sums over, a count >= 0 (e.g. (labels != -100).sum()). "
+        f"(Nothing was run for the micro-batch that closes the window.)"
+    )
+
+
 def _some(count: int, ranks: int) -> bool:
     return 0 < count < ranks
 
@@ -302,6 +329,15 @@ def identity_problem(views: Sequence[RankView], failure_notes: Sequence[str] = (
             f"only, or scalers loaded from different checkpoints); resume every rank from the "
             f"same step with the same scaler state."
         )
+    closers = [view.rank for view in views if view.window == 0]
+    if closers and len(closers) < len(views):
+        planners = [view for view in views if view.window != 0]
+        return (
+            f"rank(s) {closers} close their windows themselves (steps=None) and rank(s) "
+            f"{[v.rank for v in planners]} plan windows of {planners[0].window} micro-batches: the "
+            f"ranks would close different windows. Give every rank the same accumulation "
+            f"steps."
+        )
     if first.kind == OPEN and differ("window"):
         return (
             f"{_by_value(views, 'planning a window of', 'window')} micro-batches: with "
@@ -325,7 +361,8 @@ def agree(views: Sequence[RankView]) -> tuple[WindowTotals, bool]:
     ranks and whether the gradients need the fallback reduction (no rank's backward
     reduced them).
 
-    Raises ``RankMismatchError`` when the ranks are not in the same window
+    Raises ``ConfigError`` when a rank counted a negative ``num_items`` on the device, and
+    ``RankMismatchError`` when the ranks are not in the same window
     (``identity_problem``), or when only some are in item mode, only some scaled their
     losses with a GradScaler, only some ended their data (``is_final_batch``), or only some
     ran a reducing backward (a full window on one rank, a short final window on another):
@@ -335,6 +372,8 @@ def agree(views: Sequence[RankView]) -> tuple[WindowTotals, bool]:
     problem = identity_problem(views)
     if problem is not None:
         raise RankMismatchError(problem)
+    for view in views:
+        check_counted_items(view.items, view.rank if len(views) > 1 else None)
     totals = WindowTotals.of(views)
     ranks = totals.ranks
     if _some(totals.open, ranks):
@@ -385,8 +424,9 @@ def agree_resume(views: Sequence[RankView], world: int) -> None:
             f"(Nothing was loaded.)"
         )
     problem = identity_problem(views)
-    # (in item mode each rank may split its batch its own way: then their counts differ)
-    same_windows = all(v.window == views[0].window for v in views)
+    # (in item mode each rank may split its batch its own way: then their counts differ; so
+    # may ranks whose windows the caller closes, window 0, in either mode)
+    same_windows = all(v.window == views[0].window for v in views) and views[0].window != 0
     apart = any(v.micro_steps != views[0].micro_steps for v in views)
     if problem is None and same_windows and apart:
         problem = (

@@ -13,7 +13,20 @@ import attrs
 from ..errors import ConfigError
 from ._checks import check_count
 
-__all__ = ["ByEpoch", "ByStep", "Constant", "Schedule", "StepsSpec", "schedule_from"]
+__all__ = [
+    "ByEpoch",
+    "ByStep",
+    "CallerClosed",
+    "Constant",
+    "Schedule",
+    "StepsSpec",
+    "schedule_from",
+]
+
+_CALLER_HINT = (
+    "steps=None (windows the caller closes with is_final_batch=True) is for the whole run, "
+    "not for some epochs or steps"
+)
 
 
 def _steps(value: object) -> int:
@@ -37,6 +50,11 @@ def _table(value: object) -> tuple[tuple[int, int], ...]:
     if not isinstance(value, Mapping) or not value:
         raise ConfigError(
             f"an epoch schedule must be a non-empty mapping {{epoch: steps}}, got {value!r}."
+        )
+    if any(steps is None for steps in value.values()):
+        raise ConfigError(
+            f"an epoch schedule's steps must be ints >= 1, got {dict(value)!r}: {_CALLER_HINT}; "
+            f"pass steps=None alone, or an int for every epoch."
         )
     rows = sorted(
         (check_count("schedule epoch", epoch, minimum=0), check_count("schedule steps", steps))
@@ -80,23 +98,43 @@ class ByStep:
         try:
             return check_count("steps", value)
         except ConfigError as exc:
+            hint = f": {_CALLER_HINT}" if value is None else ""
             raise ConfigError(
                 f"the accumulation schedule returned {value!r} for effective step "
-                f"{effective_step}; it must return an int >= 1."
+                f"{effective_step}; it must return an int >= 1{hint}."
             ) from exc
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "callable", "name": getattr(self.fn, "__qualname__", repr(self.fn))}
 
 
-Schedule: TypeAlias = Constant | ByEpoch | ByStep
-StepsSpec: TypeAlias = int | Mapping[int, int] | Callable[[int], int] | Schedule
+@attrs.frozen
+class CallerClosed:
+    """No planned size (``steps=None``): each window closes when the caller says so, with
+    ``is_final_batch=True`` on its last micro-batch or with ``flush``; windows may hold any
+    number of micro-batches, a different one each time (RL rollouts split as they come).
+
+    Its window size is 0, "none planned": mean-mode losses are not divided while the window
+    is open, and the close rescales by 1/k for the k micro-batches it held (over all ranks).
+    """
+
+    def window(self, epoch: int, effective_step: int) -> int:
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "caller"}
+
+
+Schedule: TypeAlias = Constant | ByEpoch | ByStep | CallerClosed
+StepsSpec: TypeAlias = int | Mapping[int, int] | Callable[[int], int] | Schedule | None
 
 
 def schedule_from(steps: object) -> Schedule:
-    """Turn what users pass as ``steps`` (int, {epoch: steps}, callable) into a schedule."""
-    if isinstance(steps, (Constant, ByEpoch, ByStep)):
+    """Turn what users pass as ``steps`` (int, {epoch: steps}, callable, None) into a schedule."""
+    if isinstance(steps, (Constant, ByEpoch, ByStep, CallerClosed)):
         return steps
+    if steps is None:
+        return CallerClosed()
     if isinstance(steps, Mapping):
         return ByEpoch(steps)
     if callable(steps):

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import AccumError, StateFormatError
-from ._schedule import ByEpoch, ByStep, Constant, Schedule
+from ._schedule import ByEpoch, ByStep, CallerClosed, Constant, Schedule
 from ._state import AccumConfig, AccumState, Normalization
 
 __all__ = ["FORMAT", "state_from_dict", "state_to_dict"]
@@ -120,6 +120,8 @@ def _schedule(data: Mapping[str, Any], given: object) -> Schedule | object:
             f"schedule= is only for states saved with a callable schedule; this one was saved "
             f"with a {kind!r} schedule, which the dict already holds."
         )
+    if kind == "caller" and set(data) == {"kind"}:
+        return CallerClosed()
     if kind == "constant" and set(data) == {"kind", "steps"}:
         return Constant(data["steps"])
     if kind == "epochs" and set(data) == {"kind", "table"} and isinstance(data["table"], list):

@@ -11,9 +11,23 @@ import attrs
 
 from ..errors import ConfigError
 from ._checks import check_count, check_positive_float
-from ._schedule import Schedule, schedule_from
+from ._schedule import CallerClosed, Schedule, schedule_from
 
-__all__ = ["AccumConfig", "AccumState", "MicroPlan", "Normalization"]
+__all__ = [
+    "DEFAULT_MAX_GRAD_NORM",
+    "AccumConfig",
+    "AccumState",
+    "MicroPlan",
+    "Normalization",
+    "window_progress",
+]
+
+DEFAULT_MAX_GRAD_NORM = 1.0
+"""The clipping every entry point applies unless told otherwise (``max_grad_norm=None``: none).
+
+``accumfn.init``, ``GradientAccumulator``, ``AccumulationConfig`` and so ``from_config`` and
+``accumfn check`` share it; docs/config.md ("Clipping default") gives the peers' defaults.
+"""
 
 
 class Normalization(enum.Enum):
@@ -69,7 +83,9 @@ class AccumConfig:
     """What the user asked for. Plain values only, except a callable schedule."""
 
     schedule: Schedule = attrs.field(converter=schedule_from)
-    max_grad_norm: float | None = attrs.field(default=None, converter=_max_grad_norm)
+    max_grad_norm: float | None = attrs.field(
+        default=DEFAULT_MAX_GRAD_NORM, converter=_max_grad_norm
+    )
     batch_size: int = attrs.field(default=1, converter=_batch_size)
     skip_nonfinite: bool = attrs.field(default=False, converter=_skip_nonfinite)
     sync_every_micro_step: bool = attrs.field(default=False, converter=_sync_every_micro_step)
@@ -77,6 +93,13 @@ class AccumConfig:
     """Name of the dtype the window's gradients are summed in ("float32"), or None."""
 
     def __attrs_post_init__(self) -> None:
+        if self.sync_every_micro_step and isinstance(self.schedule, CallerClosed):
+            raise ConfigError(
+                "steps=None (windows the caller closes) and sync_every_micro_step=True do not "
+                "combine: every backward would all-reduce, so ranks with different numbers of "
+                "micro-batches in a window would wait on each other's collectives. Drop "
+                "sync_every_micro_step: a caller-closed window is reduced once, when it closes."
+            )
         if self.accum_dtype is not None and self.sync_every_micro_step:
             raise ConfigError(
                 "accum_dtype and sync_every_micro_step=True do not combine: with accum_dtype "
@@ -109,7 +132,8 @@ class AccumState:
 
     config: AccumConfig
     window: int = attrs.field(validator=_non_negative)
-    """Size of the open window (micro-batches), fixed when the window opened."""
+    """Size of the open window (micro-batches), fixed when the window opened; 0 when the
+    caller closes it (``steps=None``)."""
     micro_step: int = attrs.field(default=0, validator=_non_negative)
     """Micro-batches accumulated in the open (or just closed) window."""
     window_norm: Normalization | None = None
@@ -137,9 +161,15 @@ class AccumState:
     and for a state saved before this was recorded (then nothing is checked)."""
 
     def __attrs_post_init__(self) -> None:
-        if self.window < 1:
+        if self.caller_closed:
+            if self.window != 0:
+                raise ConfigError(
+                    f"AccumState.window must be 0 when the caller closes windows (steps=None), "
+                    f"got {self.window}."
+                )
+        elif self.window < 1:
             raise ConfigError(f"AccumState.window must be >= 1, got {self.window}.")
-        if self.micro_step > self.window:
+        elif self.micro_step > self.window:
             raise ConfigError(
                 f"AccumState.micro_step ({self.micro_step}) exceeds the window ({self.window})."
             )
@@ -162,7 +192,8 @@ class AccumState:
 
     @property
     def effective_step(self) -> int:
-        """Windows closed and stepped (applied or skipped): the step loggers should see."""
+        """Windows closed (applied or skipped). Read while a window is open, it is that
+        window's step, from 0: the step its metrics are logged at."""
         return self.optimizer_steps + self.skipped_steps
 
     @property
@@ -171,8 +202,24 @@ class AccumState:
         return self.micro_step > 0
 
     @property
+    def caller_closed(self) -> bool:
+        """True when windows close only when the caller says so (``steps=None``)."""
+        return isinstance(self.config.schedule, CallerClosed)
+
+    @property
     def effective_batch_size(self) -> int:
-        """Micro-batch size times the current window, per process."""
+        """Micro-batch size times the current window, per process.
+
+        ConfigError when the caller closes windows (``steps=None``): there is no planned
+        window; the effective batch is the micro-batch size times the micro-batches each
+        window is closed after.
+        """
+        if self.caller_closed:
+            raise ConfigError(
+                "steps=None: the caller closes each window, so there is no planned window and "
+                "no fixed effective batch size: it is batch_size times the micro-batches each "
+                "window is closed after (state.micro_step while the window is open)."
+            )
         return self.config.batch_size * self.window
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,12 +239,21 @@ class AccumState:
         return state_from_dict(data, schedule=schedule)
 
 
+def window_progress(state: AccumState) -> str:
+    """``"3 of 4 micro-steps"`` (or ``"3 micro-steps of a window the caller closes"``), for
+    messages."""
+    if state.caller_closed:
+        return f"{state.micro_step} micro-steps of a window the caller closes"
+    return f"{state.micro_step} of {state.window} micro-steps"
+
+
 @attrs.frozen
 class MicroPlan:
     """What the shell must do for one micro-step, decided by the core."""
 
     loss_divisor: int
-    """Divide the loss by this before backward (the window size in mean mode, else 1)."""
+    """Divide the loss by this before backward (the window size in mean mode, else 1; 1 for
+    a window the caller closes, which is rescaled at the close)."""
     boundary: bool
     """This micro-step closes the window."""
     reduce_grads: bool

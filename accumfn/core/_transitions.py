@@ -13,6 +13,7 @@ from ._checks import check_count
 from ._schedule import StepsSpec
 from ._state import (
     _PLANS,
+    DEFAULT_MAX_GRAD_NORM,
     AccumConfig,
     AccumState,
     MicroPlan,
@@ -23,6 +24,7 @@ from ._state import (
 )
 
 __all__ = [
+    "ON_DEVICE",
     "check_state",
     "check_step_scaler",
     "close_window",
@@ -61,13 +63,20 @@ _open_next = state_evolver(
 def init(
     steps: StepsSpec = 1,
     *,
-    max_grad_norm: float | None = None,
+    max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM,
     batch_size: int = 1,
     skip_nonfinite: bool = False,
     sync_every_micro_step: bool = False,
     accum_dtype: object = None,
 ) -> AccumState:
     """A fresh state: epoch 0, no micro-step taken, first window sized by the schedule.
+
+    ``steps``: an int, ``{epoch: steps}``, a callable of the effective step, or None: each
+    window closes when the caller says so (``is_final_batch=True`` on its last micro-batch,
+    or ``flush``), after any number of micro-batches, exactly in mean and item mode.
+
+    The window's gradient is clipped to ``max_grad_norm`` (1.0 unless given; None: no
+    clipping), as ``GradientAccumulator`` and ``AccumulationConfig`` do.
 
     ``accum_dtype=torch.float32`` sums a window's bf16/fp16 gradients in an fp32 buffer per
     parameter and hands them to the optimizer in the parameter's dtype at the boundary.
@@ -96,17 +105,33 @@ def check_state(state: object) -> AccumState:
     return state
 
 
+class _OnDevice:
+    """``num_items`` of a micro-batch counted on the device: the shell keeps the count
+    (``step/_tally.py``), the core the window's mode and micro-steps."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<a tensor>"
+
+
+ON_DEVICE = _OnDevice()
+"""Pass as ``micro_step``'s ``num_items`` for a count the shell keeps on the device."""
+
+
 def _items(num_items: object) -> int:
+    if num_items is ON_DEVICE:
+        return 0
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Integral):
         raise ConfigError(
             f"num_items must be a Python int >= 0 (the number of items the loss sums over), "
-            f"got {num_items!r} of type {type(num_items).__name__}; count the items on the host "
-            f"(e.g. int((labels != -100).sum()) before moving labels to the device)."
+            f"got {num_items!r} of type {type(num_items).__name__}; pass an int, or a 0-dim "
+            f"integer tensor counted on the device (e.g. (labels != -100).sum())."
         )
     return check_count("num_items", num_items, minimum=0)
 
 
-def _mode_error(state: AccumState, items: int | None) -> NoReturn:
+def _mode_error(state: AccumState, items: object) -> NoReturn:
     assert state.window_norm is not None
     given = "without num_items" if items is None else f"with num_items={items}"
     raise ConfigError(
@@ -138,6 +163,9 @@ def micro_step(
 ) -> tuple[AccumState, MicroPlan]:
     """Account one micro-batch; return the new state and what the shell must do for it.
 
+    ``is_final_batch``: this micro-batch closes the window early (the end of the data), or,
+    when the caller closes windows (``steps=None``), closes this window (only this one).
+
     ``scaled``: the loss is scaled by an enabled GradScaler; every micro-batch of a window
     must agree, and the window's step must unscale (``check_step_scaler``).
     """
@@ -159,7 +187,7 @@ def micro_step(
         _scaling_error(scaled)
     window = state.window
     taken = state.micro_step + 1
-    boundary = is_final_batch or taken >= window
+    boundary = is_final_batch or taken >= window > 0  # (window 0: the caller closes it)
     config = state.config
     reduce = (boundary or config.sync_every_micro_step) and config.accum_dtype is None
     if num_items is None:
@@ -168,13 +196,14 @@ def micro_step(
         new_state = _count_micro_step(
             state, taken, _MEAN, state.window_items, state.total_micro_steps + 1, scaled
         )
-        plan = _PLANS.get(4 * window + 2 * boundary + reduce)
+        divisor = window or 1  # a caller-closed window is rescaled by 1/k when it closes
+        plan = _PLANS.get(4 * divisor + 2 * boundary + reduce)
         if plan is None:
-            plan = micro_plan(window, boundary, reduce)
+            plan = micro_plan(divisor, boundary, reduce)
         return new_state, plan
     items = _items(num_items)
     if state.window_norm is _MEAN:
-        _mode_error(state, items)
+        _mode_error(state, num_items)
     new_state = _count_micro_step(
         state, taken, _ITEMS, state.window_items + items, state.total_micro_steps + 1, scaled
     )
@@ -195,7 +224,9 @@ def close_window(
     Mean mode: each rank divided its losses by the window N, so the window's
     ``global_micro_steps`` micro-batches over all ranks (``micro_step`` on one process) are
     rescaled by ``averaged_over * N / global_micro_steps``: N/k for a short window of k,
-    also when ranks closed it with different k. Item mode: gradients hold the sum over
+    also when ranks closed it with different k. A window the caller closes (``steps=None``)
+    was not divided (N taken as 1): 1/k, the mean of its micro-batches' losses over all
+    ranks, whatever each rank's k. Item mode: gradients hold the sum over
     items, rescaled by ``averaged_over / global_items``; a window with no item on any rank
     gets factor 0: the step applies nothing and counts the window as skipped.
     """
@@ -209,7 +240,7 @@ def close_window(
     else:
         steps = state.micro_step if global_micro_steps is None else global_micro_steps
         steps = check_count("the window's micro-steps over all ranks", steps)
-        scale = averaged_over * state.window / steps
+        scale = averaged_over * (state.window or 1) / steps
     return _close(state, True, scale)
 
 
@@ -239,7 +270,7 @@ def closes_window(state: AccumState, is_final_batch: object = False) -> bool:
     Asks nothing and checks nothing: ``micro_step`` does both; this lets the shell check what
     the step will need before the boundary's backward runs.
     """
-    return is_final_batch is True or state.micro_step + 1 >= state.window
+    return is_final_batch is True or state.micro_step + 1 >= state.window > 0
 
 
 def window_after(state: AccumState) -> int:
@@ -269,7 +300,12 @@ def finish_step(
         )
     if window is None:
         window = window_after(state)
-    window = check_count("the next window's size", window)
+    window = check_count("the next window's size", window, minimum=int(not state.caller_closed))
+    if state.caller_closed and window:
+        raise ConfigError(
+            f"the next window's size must be 0 (none planned) when the caller closes windows "
+            f"(steps=None), got {window}."
+        )
     return _open_next(
         state,
         window,
@@ -330,4 +366,4 @@ def sync_next_forward(state: AccumState) -> bool:
         return False
     if state.config.sync_every_micro_step or state.closed:
         return True
-    return state.micro_step + 1 >= state.window
+    return state.micro_step + 1 >= state.window > 0  # never for a caller-closed window (0)

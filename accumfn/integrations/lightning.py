@@ -66,7 +66,8 @@ class ExactAccumulation(pl.Callback):
         window = trainer.accumulate_grad_batches
         state = self._state
         if state is None or (state.micro_step == 0 and state.window != window):
-            state = core.init(window)  # Lightning sets N (GradientAccumulationScheduler)
+            # Lightning sets N (GradientAccumulationScheduler) and clips (gradient_clip_val)
+            state = core.init(window, max_grad_norm=None)
         items, self._items = self._items, None
         self._state, _ = core.micro_step(state, num_items=items)
 

@@ -9,7 +9,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -18,6 +18,10 @@ from ..errors import AccumError, CallOrderError, ConfigError
 from ._values import Reduce, ScalarBuffer, Value, check_reduce, check_value, materialize
 from .sinks import JsonlSink, Sink
 from .wandb_sink import WandbSink
+
+if TYPE_CHECKING:
+    from ..accumulator import GradientAccumulator
+    from ..step import StepReport
 
 __all__ = ["MetricsStepError", "MetricsTracker"]
 
@@ -129,6 +133,8 @@ class MetricsTracker:
         self._step: int | None = None
         self._last_written: int | None = None
         self._row: dict[str, ScalarBuffer] = {}
+        self._window_logged: dict[str, int] = {}
+        """The last window step ``log_window_loss`` logged, per name."""
         self._closed = False
         self._at_exit = _close_at_exit(weakref.ref(self))
         atexit.register(self._at_exit)
@@ -146,6 +152,34 @@ class MetricsTracker:
         values = [(name, check_value(name, value)) for name, value in checked]
         for name, value in values:
             self._log(name, value, at)
+
+    def log_window_loss(self, source: GradientAccumulator | StepReport, name: str = "loss") -> None:
+        """Log the loss of the window ``source`` stepped last (a ``GradientAccumulator``,
+        or the ``StepReport`` of ``step_window``) at that window's effective step: the
+        loss the large batch would have (``StepReport.window_loss``), over all ranks.
+
+        It stays on the device until its row is written (one read per row, with the row's
+        other tensors); nothing is read on steps that do not log. Call it once a window
+        has closed (``accumulate`` returned True), before logging at the next step; a
+        window already logged by this method, or none closed yet, logs nothing.
+        """
+        from ..accumulator import GradientAccumulator
+        from ..step import StepReport
+
+        if isinstance(source, StepReport):
+            loss, step = source.window_loss, source.state.effective_step - 1
+        elif isinstance(source, GradientAccumulator):
+            loss, step = source.window_loss, source.effective_step - 1
+        else:
+            raise ConfigError(
+                f"log_window_loss takes a GradientAccumulator or the StepReport that "
+                f"step_window returned, got {type(source).__name__}."
+            )
+        checked_name = _check_name(name)
+        if loss is None or step < 0 or self._window_logged.get(checked_name) == step:
+            return
+        self._log(checked_name, check_value(checked_name, loss), step)
+        self._window_logged[checked_name] = step
 
     def _log(self, name: str, value: float | torch.Tensor, step: int) -> None:
         if self._closed:

@@ -15,10 +15,11 @@ import math
 import os
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar, cast
 
+import attrs
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,10 +38,13 @@ __all__ = [
     "clear_failures",
     "device_for",
     "exchange",
+    "exchange_rows",
+    "float_as_bits",
     "note_failure",
     "prepare",
     "set_forward_sync",
     "strategy",
+    "write_columns",
     "write_scale",
 ]
 
@@ -268,16 +272,39 @@ class DataParallel:
         final: bool,
         reduces: bool,
         scaler: GradScaler | None = None,
-    ) -> tuple[core.WindowTotals, bool]:
+        items: torch.Tensor | None = None,
+        loss: torch.Tensor | None = None,
+    ) -> tuple[core.WindowTotals, bool, torch.Tensor | None]:
         """Exchange this rank's view of the closing window with the group's ranks and
-        decide from all of them (``core.agree``): the window over all ranks, and whether
-        the gradients need the fallback reduction. Raises on every rank alike."""
+        decide from all of them (``core.agree``): the window over all ranks, whether the
+        gradients need the fallback reduction, and the sum of every rank's ``loss``.
+        Raises on every rank alike.
+
+        ``items``: this rank's item count of the window on the device (0-dim int64: the
+        counts given as tensors plus the state's; the least one if one was negative),
+        ``loss``: the sum of its losses on the device (0-dim float). Both are written into
+        this rank's row on the device and read with it: no other read, no other collective.
+        On one process ``items`` is read alone (the window's one read).
+        """
         if not self.distributed:
-            return core.agree([core.window_view(state, rank=0, final=final, reduces=reduces)])
+            view = core.window_view(state, rank=0, final=final, reduces=reduces)
+            if items is not None:
+                view = attrs.evolve(view, items=int(items.item()))  # the window's one read
+            totals, fallback = core.agree([view])
+            return totals, fallback, loss
         view = core.window_view(
             state, rank=dist.get_rank(), final=final, reduces=reduces, failures=self.failures
         )
-        return self._decide(view, scaler, core.agree)
+        columns: dict[int, torch.Tensor] = {}
+        if items is not None:
+            columns[core.ITEMS_COLUMN] = items
+        if loss is not None:
+            columns[core.LOSS_COLUMN] = float_as_bits(loss)
+        (totals, fallback), rows = self._decide(view, scaler, core.agree, columns)
+        total = None
+        if loss is not None:
+            total = rows[:, core.LOSS_COLUMN].contiguous().view(torch.float64).sum()
+        return totals, fallback, total
 
     def agree_open(self, state: core.AccumState, scaler: GradScaler | None = None) -> None:
         """Exchange this rank's view of the window its first micro-step opens
@@ -291,12 +318,14 @@ class DataParallel:
         view: core.RankView,
         scaler: GradScaler | None,
         decide: Callable[[list[core.RankView]], _T],
-    ) -> _T:
-        views = exchange(
-            view, self.groups, "the window's header (step, micro-steps, items)", scaler
+        columns: Mapping[int, torch.Tensor] | None = None,
+    ) -> tuple[_T, torch.Tensor]:
+        """``decide`` over every rank's view, and the gathered rows (on the device)."""
+        views, rows = exchange_rows(
+            view, self.groups, "the window's header (step, micro-steps, items)", scaler, columns
         )
         try:
-            return decide(views)
+            return decide(views), rows
         except RankMismatchError as exc:
             if len({v.failures for v in views}) == 1:
                 raise
@@ -319,11 +348,11 @@ class DataParallel:
             return
         self._hook_warned = True
         warnings.warn(
-            f"a window closed after a forward that did not sync (a short final window, or "
-            f"forwards run before backwards), so accumfn averaged its gradients itself, "
-            f"exactly, without DDP's communication hook ({names}); full windows keep the "
-            f"hook. Close windows at their planned size, or use sync_every_micro_step=True, "
-            f"to run every reduction through it.",
+            f"a window closed after a forward that did not sync (a short final window, a "
+            f"window the caller closed, or forwards run before backwards), so accumfn averaged "
+            f"its gradients itself, exactly, without DDP's communication hook ({names}); full "
+            f"windows keep the hook. Close windows at their planned size, or use "
+            f"sync_every_micro_step=True, to run every reduction through it.",
             stacklevel=caller_level(),
         )
 
@@ -425,13 +454,27 @@ def exchange(
     what: str,
     scaler: GradScaler | None = None,
 ) -> list[core.RankView]:
-    """Every rank's view, in the same order on every rank: this rank's as one row of int64
-    on the groups' device (with ``scaler``'s scale written in there, no host read), one
-    all-gather of it per group (two under HSDP), then one host read."""
+    """Every rank's view, in the same order on every rank (see ``exchange_rows``)."""
+    return exchange_rows(view, groups, what, scaler)[0]
+
+
+def exchange_rows(
+    view: core.RankView,
+    groups: Sequence[dist.ProcessGroup | None],
+    what: str,
+    scaler: GradScaler | None = None,
+    columns: Mapping[int, torch.Tensor] | None = None,
+) -> tuple[list[core.RankView], torch.Tensor]:
+    """Every rank's view, in the same order on every rank, and the gathered rows: this
+    rank's as one row of int64 on the groups' device (with ``scaler``'s scale and the
+    ``columns`` given as device tensors written in there, no host read), one all-gather of
+    it per group (two under HSDP), then one host read."""
     _timeout()  # parsed before the collective is issued
     row = torch.tensor(view.to_row(), dtype=torch.int64, device=device_for(groups[0]))
     if scaler is not None:
         write_scale(row, scaler)
+    if columns:
+        write_columns(row, columns)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     rows = row.view(1, -1)
     for group in groups:
@@ -441,7 +484,25 @@ def exchange(
         )
         _wait(gather(out, rows.contiguous(), group=group, async_op=True), what)
         rows = out
-    return [core.RankView.from_row(values) for values in rows.tolist()]
+    return [core.RankView.from_row(values) for values in rows.tolist()], rows
+
+
+def float_as_bits(value: torch.Tensor) -> torch.Tensor:
+    """A 0-dim float tensor as the int64 of its float64 bits (``core.float_bits``), on its
+    device."""
+    return value.detach().reshape(1).to(torch.float64).view(torch.int64)
+
+
+def write_columns(row: torch.Tensor, columns: Mapping[int, torch.Tensor]) -> None:
+    """Write 0-dim int64 tensors into ``row``'s columns: one copy per device they are on
+    (none when they are on the row's)."""
+    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for column, value in columns.items():
+        by_device.setdefault(value.device, []).append((column, value.reshape(1)))
+    for pairs in by_device.values():
+        values = torch.cat([value.to(torch.int64) for _, value in pairs]).to(row.device)
+        for index, (column, _) in enumerate(pairs):
+            row[column : column + 1].copy_(values[index : index + 1])
 
 
 def gather_notes(note: str, groups: Sequence[dist.ProcessGroup | None]) -> list[str]:

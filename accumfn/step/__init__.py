@@ -6,6 +6,8 @@
   clip, skip, optimizer, scheduler; and ``reset_epoch``.
 - ``_window``: what a window's step covers (its parameter set) and the checks made on it
   before anything changes.
+- ``_tally``: what a window keeps on the device beside the pure state (item counts given
+  as tensors, the sum of its losses), read only at its boundary.
 - ``_guard``: nothing but accumfn touches an open window: a loop's leftover ``zero_grad``
   or ``step``, optimizers stepped inside backward, a window never applied.
 - ``_foreign``: other trainers' objects (Accelerate, DeepSpeed, Lightning Fabric) refused
@@ -23,10 +25,17 @@ from ._apply import prepare_step as prepare_step
 from ._apply import run_step as run_step
 from ._foreign import check_foreign_optimizer as check_foreign_optimizer
 from ._guard import all_guards as all_guards
+from ._guard import continue_guard as continue_guard
 from ._guard import existing_guard as existing_guard
 from ._guard import guard_for as guard_for
 from ._guard import guards_of as guards_of
 from ._guard import report_dropped as report_dropped
+from ._tally import attach_beside as attach_beside
+from ._tally import carry as carry
+from ._tally import closed_loss as closed_loss
+from ._tally import restore_tally as restore_tally
+from ._tally import settle as settle
+from ._tally import tally_beside as tally_beside
 from ._window import LRScheduler, Optimizers, Schedulers
 from ._window import as_optimizers as as_optimizers
 from ._window import as_schedulers as as_schedulers

@@ -15,6 +15,7 @@ from .. import parallel as distributed
 from ..core import AccumState
 from ..errors import CallOrderError, ConfigError, LossError
 from ..grads import buffers, check_scaler
+from . import _tally as tally
 from ._guard import guard_for
 from ._window import enabled
 
@@ -88,15 +89,20 @@ def accumulate(
     model: nn.Module,
     *,
     is_final_batch: bool = False,
-    num_items: int | None = None,
+    num_items: int | torch.Tensor | None = None,
     scaler: GradScaler | None = None,
 ) -> tuple[AccumState, bool]:
     """Backward one micro-batch's loss; return (new state, whether the window closed).
 
     Mean mode (``num_items=None``): ``loss`` is a mean; it is divided by the window size.
     Item mode: ``loss`` is a sum over ``num_items`` items; gradients are divided by the
-    window's item count over all ranks when the window closes. When ``stepped`` is True,
-    call ``apply_step``. The input state is never changed; on error nothing is run.
+    window's item count over all ranks when the window closes. ``num_items`` is an int, or
+    a 0-dim integer tensor on any device (``(labels != -100).sum()``), which is not read
+    before the window's boundary: there the count is read once, with the exchange that
+    decides the window under DDP/FSDP2 (a negative count raises ``ConfigError`` there).
+    Ints and tensors may be mixed in a window. When ``stepped`` is True, call
+    ``apply_step`` (``step_window(...).window_loss`` is the window's loss as the large
+    batch computes it). The input state is never changed; on error nothing is run.
     ``scaler``: a GradScaler scales the loss; give the same one on every micro-batch of a
     window and to its step (a mismatch is a ConfigError, before anything runs).
 
@@ -109,21 +115,35 @@ def accumulate(
     if scaler is not None:
         check_scaler(scaler)
         scaler = enabled(scaler)  # a disabled GradScaler leaves the loss as it is
+    count = None
+    if isinstance(num_items, torch.Tensor):
+        count = tally.check_count(num_items)
+        num_items = core.ON_DEVICE  # type: ignore[assignment]  # the core keeps the mode
     new_state, plan = core.micro_step(
         state, is_final_batch=is_final_batch, num_items=num_items, scaled=scaler is not None
     )
     parallel = distributed.strategy(model)
     guard = parallel.guard or guard_for(model, parallel, state.window)
     guard.check(state)  # a loop's zero_grad or step inside the window: refused before anything
+    running = tally.extend(tally.open_tally(state), loss, count)
+    items = None if not plan.boundary else tally.items_value(running, new_state.window_items)
     plain = parallel.kind == "plain"  # one process, no DDP/FSDP: no sync flag, no header
     wide = None if state.config.accum_dtype is None else _wide(state, parallel)
     totals = None
+    counted = None  # the window's item count, when read here (one process)
+    if plain and items is not None:
+        counted = tally.read_items(items)  # the window's one read, before its backward
     if not plain:
         parallel.refuse_join()
         reduces = parallel.backward_reduces()
         if plan.boundary:
-            totals, fallback = parallel.agree(
-                new_state, final=is_final_batch, reduces=reduces, scaler=scaler
+            totals, fallback, loss_sum = parallel.agree(
+                new_state,
+                final=is_final_batch,
+                reduces=reduces,
+                scaler=scaler,
+                items=items,
+                loss=_as_tensor(running.loss),
             )
         elif core.agree_at_open(state, plan.boundary):
             parallel.agree_open(new_state, scaler)
@@ -147,9 +167,10 @@ def accumulate(
         ) from exc
     if plain and wide is None:
         if plan.boundary:
-            closed = core.close_window(new_state)
+            closed = _close_alone(new_state, running, counted)
             guard.closed(closed)
             return closed, True
+        tally.attach(new_state, running)
         guard.note(new_state)
         return new_state, False
     parallel.backward_done()
@@ -161,12 +182,27 @@ def accumulate(
         guard.note(new_state)
     if plain:
         if not plan.boundary:
+            tally.attach(new_state, running)
             return new_state, False
-        return core.close_window(new_state), True  # the step hands the buffers back
+        # the step hands the buffers back
+        return _close_alone(new_state, running, counted), True
     if totals is None:
         parallel.set_forward_sync(core.sync_next_forward(new_state))
+        tally.attach(new_state, running)
         return new_state, False
-    return _close_together(new_state, parallel, totals, fallback, wide), True
+    return _close_together(new_state, parallel, totals, fallback, wide, loss_sum), True
+
+
+def _as_tensor(loss: torch.Tensor | float) -> torch.Tensor:
+    return loss if isinstance(loss, torch.Tensor) else torch.tensor(loss, dtype=torch.float64)
+
+
+def _close_alone(state: AccumState, running: tally.Tally, counted: int | None) -> AccumState:
+    """Close a window of one process; its loss goes beside the closed state."""
+    items = state.window_items if counted is None else counted
+    closed = core.close_window(state, global_items=items)
+    tally.attach(closed, tally.loss_of_window(running.loss, state, state.micro_step, items))
+    return closed
 
 
 def _close_together(
@@ -175,17 +211,23 @@ def _close_together(
     totals: core.WindowTotals,
     fallback: bool,
     wide: torch.dtype | None,
+    loss_sum: torch.Tensor | None,
 ) -> AccumState:
     """Close the window as the ranks agreed: the fallback reduction when no backward
-    reduced, then the rescale from the counts over all ranks."""
+    reduced, then the rescale from the counts over all ranks; the window's loss over all
+    ranks goes beside the closed state."""
     if fallback:
         parallel.mean_reduce_grads_(wide)
-    return core.close_window(
+    closed = core.close_window(
         state,
         global_items=totals.items,
         global_micro_steps=totals.micro_steps,
         averaged_over=parallel.world,
     )
+    if loss_sum is not None:
+        loss = tally.loss_of_window(loss_sum, state, totals.micro_steps, totals.items)
+        tally.attach(closed, loss)
+    return closed
 
 
 def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
@@ -212,7 +254,12 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
     guard = guard_for(model, parallel, state.window)
     guard.check(state)
     parallel.refuse_join()
-    totals, fallback = parallel.agree(state, final=True, reduces=reduced)
+    running = tally.open_tally(state)
+    items = None if running is None else tally.items_value(running, state.window_items)
+    loss = None if running is None else _as_tensor(running.loss)
+    totals, fallback, loss_sum = parallel.agree(
+        state, final=True, reduces=reduced, items=items, loss=loss
+    )
     if totals.open == 0:
         return state, False
     if parallel.kind == "fsdp2" and fallback:
@@ -222,6 +269,9 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
             "out of accumfn's reach. Build the state with sync_every_micro_step=True, or pass "
             "is_final_batch=True on the last micro-batch."
         )
-    closed = _close_together(state, parallel, totals, fallback, _wide(state, parallel))
+    if loss_sum is None:  # ranks without a window open take part with a loss of 0
+        loss_sum = torch.zeros((), dtype=torch.float64)
+    wide = _wide(state, parallel)
+    closed = _close_together(state, parallel, totals, fallback, wide, loss_sum)
     guard.closed(closed)
     return closed, True

@@ -27,6 +27,7 @@ from ..grads import (
     zero_grads_,
 )
 from ._guard import existing_guard, guard_for, guards_of
+from ._tally import closed_loss
 from ._window import (
     LRScheduler,
     Optimizers,
@@ -66,6 +67,13 @@ class StepReport:
     """Pre-clip norm of the window's (unscaled, normalized) gradients: computed when
     something uses it (clipping, ``skip_nonfinite``, the GradScaler's check across several
     optimizers) or ``grad_norm=True`` asked for it; else None, and no norm is computed."""
+    window_loss: torch.Tensor | None = None
+    """The window's loss as the large batch computes it, a 0-dim float64 tensor on the
+    device, not read: the mean of the window's micro-batch losses over all ranks (mean
+    mode), or their sum over all ranks divided by the window's item count over all ranks
+    (item mode; nan for a window without items). As given to ``accumulate``: not scaled by
+    a GradScaler, nor divided by the window. None for a window ``accumulate`` did not
+    close (a state rebuilt by hand)."""
 
 
 def check_model(model: object, *, optional: bool = False, hint: str = _ORDER) -> None:
@@ -522,7 +530,7 @@ def run_step(
     parallel = distributed.strategy(model)
     if parallel.kind != "plain":
         parallel.set_forward_sync(core.sync_next_forward(new_state))
-    return StepReport(new_state, applied, norm)
+    return StepReport(new_state, applied, norm, closed_loss(state))
 
 
 def step_window(
@@ -556,6 +564,8 @@ def step_window(
     The pre-clip norm (``StepReport.grad_norm``, on the device) is computed only when
     something uses it: clipping, ``skip_nonfinite``, the GradScaler's check across several
     optimizers, or ``grad_norm=True``; otherwise it is None and no norm is computed.
+    ``StepReport.window_loss`` is the window's loss as the large batch computes it, on the
+    device (nothing is read for it).
 
     All or nothing: the arguments, the scheduler's ``step()`` signature, an optimizer that
     needs a closure, fp16 gradients under a GradScaler and the next window's size (the
@@ -567,7 +577,7 @@ def step_window(
     if not core.check_state(state).closed:
         raise CallOrderError(
             "apply_step needs a closed window: call it only after accumulate(...) returned "
-            f"stepped=True (this window holds {state.micro_step} of {state.window} micro-steps)."
+            f"stepped=True (this window holds {core.window_progress(state)})."
         )
     window = prepare_step(
         state, optimizer, model, scaler, scheduler, before_step=before_step, clip_value=clip_value
@@ -588,7 +598,8 @@ def apply_step(
     """Apply a closed window (see ``step_window``) and record its pre-clip gradient norm.
 
     The norm is always computed and read here: one host-device sync per window. Use
-    ``step_window`` to keep it on the device, or not compute it when nothing uses it.
+    ``step_window`` to keep it on the device, or not compute it when nothing uses it, and
+    for the window's loss (``StepReport.window_loss``).
     """
     report = step_window(
         state,

@@ -55,6 +55,7 @@ from ._foreign import check_foreign_model, check_foreign_optimizer
 __all__ = [
     "WindowGuard",
     "all_guards",
+    "continue_guard",
     "existing_guard",
     "guard_for",
     "guards_of",
@@ -477,6 +478,16 @@ def guard_for(
 def existing_guard(model: object) -> WindowGuard | None:
     """The model's guard if it has one."""
     return _GUARDS.get(model) if isinstance(model, nn.Module) else None
+
+
+def continue_guard(model: nn.Module | None, old: AccumState, new: AccumState) -> None:
+    """``new`` (a copy of ``old`` with other counters) continues ``old``'s window."""
+    guard = existing_guard(model)
+    if guard is not None:
+        if guard.state is old:
+            guard.state = new
+        if guard.left is old:
+            guard.left = new
 
 
 def guards_of(optimizers: Iterable[torch.optim.Optimizer]) -> list[WindowGuard]:

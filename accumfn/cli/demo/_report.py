@@ -127,7 +127,7 @@ def _mark_windows(ax: Any, rows: Sequence[StepRecord]) -> None:
             ax.text(
                 record.step - 0.4,
                 0.02,
-                f"epoch {record.epoch + 1}",
+                f"epoch {record.epoch}",
                 transform=ax.get_xaxis_transform(),
                 fontsize=8,
             )
