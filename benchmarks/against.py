@@ -76,7 +76,10 @@ def _import_base(rev: str, into: Path) -> Any:
         ["git", "-C", str(root), "archive", rev, "accumfn"], capture_output=True, check=True
     ).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
+        try:
+            tar.extractall(into, filter="data")
+        except TypeError:  # Python before 3.10.12 / 3.11.4: no filters (our own archive)
+            tar.extractall(into)
     (into / "accumfn").rename(into / "accumfn_base")
     sys.path.insert(0, str(into))
     return importlib.import_module("accumfn_base")
