@@ -50,6 +50,7 @@ from ._state import (
 )
 from ._transitions import (
     ON_DEVICE,
+    check_flush_scaler,
     check_state,
     check_step_scaler,
     close_window,
@@ -91,6 +92,7 @@ __all__ = [
     "agree_open",
     "agree_resume",
     "check_counted_items",
+    "check_flush_scaler",
     "check_state",
     "check_step_scaler",
     "close_window",

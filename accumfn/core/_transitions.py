@@ -25,6 +25,7 @@ from ._state import (
 
 __all__ = [
     "ON_DEVICE",
+    "check_flush_scaler",
     "check_state",
     "check_step_scaler",
     "close_window",
@@ -262,6 +263,23 @@ def check_step_scaler(state: AccumState, scaled: bool) -> None:
         "one: unscaling would divide its gradients by the loss scale. Pass the GradScaler to "
         "accumulate on every micro-batch as well (scaler=scaler), or to neither."
     )
+
+
+def check_flush_scaler(state: AccumState, scaled: bool, *, ranks: int) -> None:
+    """ConfigError unless ``flush`` is given the GradScaler its window's losses were scaled
+    by (``scaled``: it has an enabled one) where the ranks compare it: under data
+    parallelism (``ranks`` > 1) the exchange that closes the window carries the scale,
+    as at ``accumulate``'s boundary. A scaler given for a window scaled by none is refused
+    everywhere, as at the step."""
+    if scaled:
+        check_step_scaler(state, True)
+    elif ranks > 1 and check_state(state).window_scaled:
+        raise ConfigError(
+            "this window's losses were scaled by a GradScaler but flush was given none: "
+            "under data parallelism the ranks compare the GradScaler's scale when a window "
+            "closes, so flush needs it as accumulate does. Pass it: "
+            "flush(state, model, scaler=scaler)."
+        )
 
 
 def closes_window(state: AccumState, is_final_batch: object = False) -> bool:

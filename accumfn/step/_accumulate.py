@@ -216,7 +216,9 @@ def _close_together(
     return closed
 
 
-def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
+def flush(
+    state: AccumState, model: nn.Module, *, scaler: GradScaler | None = None
+) -> tuple[AccumState, bool]:
     """Close the open window after the last micro-batch; return (state, stepped).
 
     For loaders of unknown length (``IterableDataset``, streams), where
@@ -227,13 +229,19 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
     every rank must call it (one small all-reduce); ranks whose windows differ in being
     open raise ``RankMismatchError`` on every rank. FSDP2 keeps an open window's gradients
     to itself until a backward syncs, so there it needs ``sync_every_micro_step=True``.
+    ``scaler``: the GradScaler the window's losses were scaled by (as given to
+    ``accumulate``); under data parallelism the ranks compare its scale here, so a scaled
+    window flushed without it is a ``ConfigError`` there, before anything runs.
     """
     if core.check_state(state).closed:
         raise CallOrderError(
             "the window is already closed: call apply_step(state, optimizer, model, ...) "
             "instead of flush."
         )
+    check_scaler(scaler)
+    scaler = enabled(scaler)
     parallel = distributed.strategy(model)
+    core.check_flush_scaler(state, scaler is not None, ranks=parallel.world)
     reduced = parallel.kind == "plain" or (
         state.config.sync_every_micro_step and parallel.kind in ("ddp", "fsdp2")
     )
@@ -242,7 +250,7 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
     items = None if running is None else tally.items_value(running, state.window_items)
     loss = None if running is None else _as_tensor(running.loss)
     totals, fallback, loss_sum = parallel.agree(
-        state, final=True, reduces=reduced, items=items, loss=loss
+        state, final=True, reduces=reduced, scaler=scaler, items=items, loss=loss
     )
     if totals.open == 0:
         return state, False
