@@ -46,6 +46,14 @@ _ITEMS = Normalization.ITEMS
 _count_micro_step = state_evolver(
     "micro_step", "window_norm", "window_items", "total_micro_steps", "window_scaled"
 )
+_count_on_device = state_evolver(
+    "micro_step",
+    "window_norm",
+    "window_items",
+    "total_micro_steps",
+    "window_scaled",
+    "window_device_counts",
+)
 _close = state_evolver("closed", "grad_scale")
 _open_next = state_evolver(
     "window",
@@ -58,6 +66,7 @@ _open_next = state_evolver(
     "skipped_steps",
     "last_grad_norm",
     "window_scaled",
+    "window_device_counts",
 )
 
 
@@ -205,9 +214,20 @@ def micro_step(
     items = _items(num_items)
     if state.window_norm is _MEAN:
         _mode_error(state, num_items)
-    new_state = _count_micro_step(
-        state, taken, _ITEMS, state.window_items + items, state.total_micro_steps + 1, scaled
-    )
+    if num_items is ON_DEVICE:  # the shell keeps the count; the state, that there is one
+        new_state = _count_on_device(
+            state,
+            taken,
+            _ITEMS,
+            state.window_items,
+            state.total_micro_steps + 1,
+            scaled,
+            state.window_device_counts + 1,
+        )
+    else:
+        new_state = _count_micro_step(
+            state, taken, _ITEMS, state.window_items + items, state.total_micro_steps + 1, scaled
+        )
     plan = micro_plan(1, boundary, reduce)
     return new_state, plan
 
@@ -336,6 +356,7 @@ def finish_step(
         state.skipped_steps + int(not applied),
         grad_norm,
         None,
+        0,
     )
 
 
@@ -361,6 +382,7 @@ def start_epoch(state: AccumState) -> tuple[AccumState, int]:
         window_norm=None,
         window_items=0,
         window_scaled=None,
+        window_device_counts=0,
         dropped_micro_steps=state.dropped_micro_steps + dropped,
     )
     return _reopen(fresh), dropped
