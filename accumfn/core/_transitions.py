@@ -292,7 +292,12 @@ def check_flush_scaler(state: AccumState, scaled: bool, *, ranks: int) -> None:
     as at ``accumulate``'s boundary. A scaler given for a window scaled by none is refused
     everywhere, as at the step."""
     if scaled:
-        check_step_scaler(state, True)
+        if check_state(state).window_scaled is False:
+            raise ConfigError(
+                "flush was given a GradScaler but this window's losses were accumulated "
+                "without one: its step would divide their gradients by the loss scale. Pass "
+                "the GradScaler to accumulate on every micro-batch as well, or to neither."
+            )
     elif ranks > 1 and check_state(state).window_scaled:
         raise ConfigError(
             "this window's losses were scaled by a GradScaler but flush was given none: "
