@@ -135,7 +135,7 @@ def test_flush_takes_the_windows_grad_scaler_on_one_process() -> None:
     (Under data parallelism: tests/test_flush_scaler_ddp.py.)"""
     batches = _batches(9, 2)
     expected, _ = _large_batch([batches], item_mode=False)
-    for given in (None, "same"):
+    for passed in (None, "same"):
         model = token_model(3)
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.5)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -143,7 +143,7 @@ def test_flush_takes_the_windows_grad_scaler_on_one_process() -> None:
         for batch in batches:
             loss = token_loss(model, batch, "mean")
             state, _ = accumfn.accumulate(state, loss, model, scaler=scaler)
-        state, stepped = accumfn.flush(state, model, scaler=scaler if given else None)
+        state, stepped = accumfn.flush(state, model, scaler=scaler if passed else None)
         assert stepped
         accumfn.apply_step(state, optimizer, model, scaler=scaler)
         torch.testing.assert_close(

@@ -378,6 +378,15 @@ def identity_problem(
     def differ(name: str) -> bool:
         return any(getattr(view, name) != getattr(first, name) for view in views)
 
+    closers = [view.rank for view in views if view.window == 0]
+    if closers and len(closers) < len(views):
+        planners = [view for view in views if view.window != 0]
+        return (
+            f"rank(s) {closers} close their windows themselves (steps=None) and rank(s) "
+            f"{[v.rank for v in planners]} plan windows of {planners[0].window} micro-batches: the "
+            f"ranks would close different windows. Give every rank the same accumulation "
+            f"steps."
+        )
     if differ("settings"):  # first: ranks built apart also meet at different points
         return _settings_problem(views, settings)
     if differ("kind"):
@@ -430,15 +439,6 @@ def identity_problem(
             f"gradients scaled differently (a step that failed or was skipped on some ranks "
             f"only, or scalers loaded from different checkpoints); resume every rank from the "
             f"same step with the same scaler state."
-        )
-    closers = [view.rank for view in views if view.window == 0]
-    if closers and len(closers) < len(views):
-        planners = [view for view in views if view.window != 0]
-        return (
-            f"rank(s) {closers} close their windows themselves (steps=None) and rank(s) "
-            f"{[v.rank for v in planners]} plan windows of {planners[0].window} micro-batches: the "
-            f"ranks would close different windows. Give every rank the same accumulation "
-            f"steps."
         )
     if first.kind == OPEN and differ("window"):
         return (
