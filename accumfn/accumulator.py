@@ -26,6 +26,7 @@ from .step import (
     as_schedulers,
     attach_beside,
     carry,
+    check_foreign_optimizer,
     check_fp16_with_scaler,
     check_hooks,
     check_loss,
@@ -33,9 +34,12 @@ from .step import (
     check_steppable,
     claim_scaler,
     closed_loss,
+    continue_guard,
     flush,
+    guard_for,
     prepare_forward,
     prepare_step,
+    report_dropped,
     reset_epoch,
     run_step,
     tally_beside,
@@ -130,6 +134,8 @@ class GradientAccumulator:
         optimizers = as_optimizers(optimizer)
         clip_value = check_hooks(before_step, clip_value)
         check_steppable(optimizers)
+        for item in optimizers:  # Accelerate's, DeepSpeed's, Fabric's: refused up front
+            check_foreign_optimizer(item, accumulation_steps)
         as_schedulers(scheduler)
         check_scaler(scaler)
         check_fp16_with_scaler(window_params(optimizers), scaler, grads=False)
@@ -158,8 +164,18 @@ class GradientAccumulator:
         self._window_loss: torch.Tensor | None = None
         self._track_grad_norm = track_grad_norm
         self._model: nn.Module | None = None
+        self._watched: nn.Module | None = None
+        """The model whose window guard watches this accumulator's optimizers."""
         self._warned: tuple[nn.Module, Optimizers] | None = None
         """The model and optimizer(s) last looked at for trainable parameters left out."""
+
+    def __del__(self) -> None:
+        """Warn once if the open window was never applied (``UnappliedWindowWarning``)."""
+        try:
+            if not self.__dict__.get("_lightning", False):
+                report_dropped(self.__dict__.get("_model"))
+        except Exception:  # at interpreter shutdown, the modules may be gone
+            pass
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle with what the open window keeps on the device beside the state."""
@@ -178,6 +194,7 @@ class GradientAccumulator:
             if name and name != "_beside":
                 setattr(self, name, value)
         self.__dict__.setdefault("_warned", None)
+        self.__dict__.setdefault("_watched", None)
         self.__dict__.setdefault("_window_loss", None)
         if beside is not None:
             attach_beside(self._state, beside)
@@ -225,9 +242,15 @@ class GradientAccumulator:
             check_loss(loss)
             self._lightning_calls += 1
             return True
-        if model is not self._model:
-            check_model(model, hint=_MODEL_HINT)
-            self._model = model
+        if model is not self._watched:
+            if model is not self._model:
+                check_model(model, hint=_MODEL_HINT)
+            # The model's window guard watches the optimizers from the first micro-step on
+            # (a loop's leftover zero_grad or step); a wrapper built at the first forward
+            # (composable replicate) exists by now, so judging the model here is right.
+            size = self._state.window
+            guard_for(model, window=size).watch(as_optimizers(self.optimizer), size)
+            self._model = self._watched = model
         state = self._state
         window = None
         if core.closes_window(state, is_final_batch):
@@ -326,6 +349,7 @@ class GradientAccumulator:
         if self._norm is not None:
             held = self._state
             self._state = carry(held, attrs.evolve(held, last_grad_norm=float(self._norm)))
+            continue_guard(self._watched, held, self._state)
             self._norm = None
         return self._state
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AccumError",
+    "AccumulationConflictError",
     "CallOrderError",
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -24,6 +25,7 @@ __all__ = [
     "RankMismatchError",
     "StateFormatError",
     "StepError",
+    "UnappliedWindowWarning",
 ]
 
 
@@ -33,6 +35,10 @@ class AccumError(Exception):
 
 class ConfigError(AccumError, ValueError):
     """An accumulation setting is out of range or of the wrong type."""
+
+
+class AccumulationConflictError(ConfigError):
+    """accumfn and another trainer (Lightning, Accelerate) were both asked to accumulate."""
 
 
 class LossError(AccumError, ValueError):
@@ -74,6 +80,15 @@ class StepError(AccumError, RuntimeError):
 
     def __reduce__(self) -> tuple[type[StepError], tuple[str, AccumState, bool]]:
         return type(self), (str(self), self.state, self.applied)
+
+
+class UnappliedWindowWarning(UserWarning):
+    """A window's micro-batches were never applied: the program ended, or the accumulator
+    (or the model) holding them was garbage-collected, with the window still open.
+
+    A ``UserWarning``, shown by default (a ``ResourceWarning`` is hidden outside Python's
+    development mode), since the lost micro-batches change the model that was trained.
+    """
 
 
 class MissingDependencyError(AccumError, ModuleNotFoundError):

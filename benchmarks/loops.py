@@ -120,6 +120,11 @@ def accelerate_step(
         _ACCELERATOR = Accelerator(gradient_accumulation_steps=WINDOW, cpu=True)
     accelerator = _ACCELERATOR
     prepared, wrapped = accelerator.prepare(model, optimizer)
+    if prepared is model:
+        # The model is shared with the other loops, which run outside this Accelerator: the
+        # mark prepare() leaves on it would have accumfn refuse it as a model Accelerate
+        # accumulates for.
+        model.__dict__.pop("_is_accelerate_prepared", None)
     clip = workload.max_grad_norm
 
     def step(index: int, batch: Batch, last: bool) -> None:

@@ -147,6 +147,7 @@ BAD_TENSORS = [
     (torch.tensor(3.0), r"got a torch\.float32 tensor"),
     (torch.tensor(True), r"got a torch\.bool tensor"),
     (torch.tensor([3]), r"tensor of shape \(1,\)"),
+    (torch.empty((), dtype=torch.int64, device="meta"), "meta device"),
 ]
 
 
@@ -161,7 +162,7 @@ def _same_grads(model: torch.nn.Module, grads: list[torch.Tensor | None]) -> boo
     )
 
 
-@pytest.mark.parametrize(("bad", "message"), BAD_TENSORS, ids=["float", "bool", "shape"])
+@pytest.mark.parametrize(("bad", "message"), BAD_TENSORS, ids=["float", "bool", "shape", "meta"])
 def test_bad_tensor_counts_are_refused_before_anything_runs(
     bad: torch.Tensor, message: str
 ) -> None:

@@ -22,7 +22,7 @@ from ..core import AccumState, ByStep, window_progress
 from ..errors import CheckpointError, ConfigError, StateFormatError
 from ..grads import buffers, is_dtensor, optimizer_params, zero_grads_
 from ..parallel import clear_failures, exchange, gather_objects, strategy
-from ..step import restore_tally, settle
+from ..step import all_guards, existing_guard, guards_of, restore_tally, settle
 
 __all__ = ["agreeing_groups", "capture", "refuse_together", "restore"]
 
@@ -105,6 +105,10 @@ def capture(
                 f"micro-step and kept sharded, which a checkpoint can hold)."
             )
         grads = [_open_grad(p) for p in params]
+        # A program that saves inside a window and ends resumes it later: nothing is lost.
+        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+        for guard in guards_of(optimizers) or all_guards():
+            guard.saved()
     data: dict[str, Any] = {
         "accumfn": state.to_dict(),
         "partial_grads": grads,
@@ -334,6 +338,9 @@ def restore(
         else:
             param.grad = _as_grad_of(param, grad)
     clear_failures(model)  # every rank resumed from the same step
+    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    for guard in {id(g): g for g in [existing_guard(model), *guards_of(optimizers)] if g}.values():
+        guard.restored(resumed)  # the gradients put back are the window's, as saved
     return restore_tally(resumed, loss_sum)
 
 

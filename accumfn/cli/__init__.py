@@ -73,6 +73,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from ..config import clipping_text
     from .demo import DemoSettings, run_demo
 
     settings = DemoSettings(
@@ -86,6 +87,7 @@ def _demo(args: argparse.Namespace) -> int:
         settings, args.out, use_wandb=not args.no_wandb, progress=not args.no_progress
     )
     print(result.verdict)
+    print(f"clipping: {clipping_text(settings.max_grad_norm)}, in all three runs")
     print("files:")
     for name, path in result.files.items():
         print(f"  {name:<8} {path}")
@@ -131,7 +133,8 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--section", default="training", metavar="NAME",
-        help="section of --config holding the settings (default: %(default)s)",
+        help="section of --config holding the settings, dotted for a nested one; '' for the "
+        "whole file (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--steps", type=positive_int, metavar="S",
@@ -171,7 +174,8 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--section", default="training", metavar="NAME",
-        help="section of --config holding the settings (default: %(default)s)",
+        help="section of --config holding the settings, dotted for a nested one; '' for the "
+        "whole file (default: %(default)s)",
     )  # fmt: skip
     _ignore_argument(parser)
 

@@ -354,7 +354,7 @@ def check_command(path: str | None, section: str = "training", ignore: Sequence[
     if path is None:
         return main(AccumulationConfig(gradient_accumulation_steps=4, batch_size=8), "default")
     config = AccumulationConfig.from_yaml(path, section, ignore=ignore)
-    return main(config, f"{path} [{section}]")
+    return main(config, f"{path} [{section or 'whole file'}]")
 
 
 def main(config: AccumulationConfig, source: str) -> int:

@@ -225,10 +225,12 @@ def plan_text(
         )
         table = format_batch_table(settings, devices, mark="config")
         clipping = f"clipping: {clipping_text(settings.max_grad_norm)}"
-        return f"{config} [{section}]\n\n{table}\n{clipping}\n\n{advice(settings)}\n\n{code}"
+        title = f"{config} [{section or 'whole file'}]"
+        return f"{title}\n\n{table}\n{clipping}\n\n{advice(settings)}\n\n{code}"
     if batch_size is not None and steps is not None and target is None:
         settings = AccumulationConfig(gradient_accumulation_steps=steps, batch_size=batch_size)
         table = format_batch_table(settings, devices, mark="this")
+        table += f"\nclipping: {clipping_text(settings.max_grad_norm)}"
         code = (
             f"GradientAccumulator(optimizer, accumulation_steps={steps}, batch_size={batch_size})"
         )

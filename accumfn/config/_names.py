@@ -12,7 +12,14 @@ import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, NamedTuple
 
-__all__ = ["OTHER_NAMES", "OtherName", "nested_settings", "never_skipped", "other_name"]
+__all__ = [
+    "OTHER_NAMES",
+    "OtherName",
+    "nested_settings",
+    "never_skipped",
+    "other_name",
+    "own_name",
+]
 
 
 class OtherName(NamedTuple):
@@ -34,6 +41,13 @@ _EFFECTIVE = (
     "that reaches a target"
 )
 
+_ALGORITHM = (
+    "{key!r} is {whose}'s choice between clipping by norm and by value; accumfn clips the "
+    "accumulated gradient by its norm, at max_grad_norm (a number, or null for none), and "
+    "GradientAccumulator(clip_value=...) clips by value: write max_grad_norm, and delete "
+    "{key!r}"
+)
+
 OTHER_NAMES: Final[dict[str, OtherName]] = {
     "accumulate_grad_batches": OtherName("gradient_accumulation_steps", "Lightning's Trainer"),
     "accumulation_steps": OtherName("gradient_accumulation_steps", "GradientAccumulator"),
@@ -50,6 +64,15 @@ OTHER_NAMES: Final[dict[str, OtherName]] = {
     "clip_grad_norm": OtherName("max_grad_norm", "torchtune"),
     "grad_clip": OtherName("max_grad_norm", "nanoGPT"),
     "max_norm": OtherName("max_grad_norm", "torchtitan"),
+    "clip_grad": OtherName("max_grad_norm", "timm and Megatron-LM"),
+    "clip_norm": OtherName("max_grad_norm", "fairseq"),
+    "grad_norm_clip": OtherName("max_grad_norm", "minGPT"),
+    "gradient_clip_algorithm": OtherName("max_grad_norm", "Lightning's Trainer", note=_ALGORITHM),
+    "per_gpu_train_batch_size": OtherName("batch_size", "older Hugging Face TrainingArguments"),
+    "device_train_microbatch_size": OtherName("batch_size", "Composer"),
+    "global_train_batch_size": OtherName("batch_size", "Composer", note=_EFFECTIVE),
+    "accum_iter": OtherName("gradient_accumulation_steps", "the MAE and DeiT training scripts"),
+    "update_freq": OtherName("gradient_accumulation_steps", "fairseq"),
     "lr": OtherName("learning_rate", "the optimizers", generic=True),
     "base_batch": OtherName("base_batch_size", "accumfn plan --base-batch", generic=True),
 }
@@ -74,13 +97,24 @@ def other_name(key: str, value: object) -> str | None:
     )
 
 
+def own_name(key: object, names: Iterable[str]) -> str | None:
+    """The field ``key`` writes in another case or with dashes (``Max_Grad_Norm``,
+    ``gradient-accumulation-steps``), or None."""
+    if not isinstance(key, str):
+        return None
+    normal = key.lower().replace("-", "_")
+    return normal if normal != key and normal in set(names) else None
+
+
 def nested_settings(value: object, names: Iterable[str]) -> list[str]:
-    """The keys of ``value`` that are fields or other trainers' names for them: settings
-    written one level too deep."""
+    """The keys of ``value`` that are fields (in any case) or other trainers' names for
+    them: settings written one level too deep."""
     if not isinstance(value, Mapping):
         return []
     known = set(names)
-    return [str(key) for key in value if key in known or _other(key) is not None]
+    return [
+        str(key) for key in value if key in known or own_name(key, known) or _other(key) is not None
+    ]
 
 
 def never_skipped(key: object, value: object, names: list[str], data: Mapping[Any, Any]) -> bool:
@@ -90,7 +124,7 @@ def never_skipped(key: object, value: object, names: list[str], data: Mapping[An
     other = _other(key)
     if other is not None:
         return not other.generic
-    if nested_settings(value, names):
+    if own_name(key, names) or nested_settings(value, names):
         return True
     unset = [name for name in names if name not in data]
     return isinstance(key, str) and bool(difflib.get_close_matches(key, unset, n=1, cutoff=0.85))

@@ -25,7 +25,8 @@ from ..core import (
     closest,
 )
 from ..errors import ConfigError
-from ._names import nested_settings, never_skipped, other_name
+from ._names import nested_settings, never_skipped, other_name, own_name
+from ._outside import refuse_outside
 from ._steps import schedule, steps_value
 from ._yaml import read_yaml
 from .lr import LR_RULES, lr_factor
@@ -96,9 +97,20 @@ class AccumulationConfig:
     )
 
     __pydantic_config__: ClassVar[dict[str, Any]] = {
-        "json_schema_extra": lambda schema, cls: _describe(schema)
+        "extra": "forbid",
+        "json_schema_extra": lambda schema, cls: _describe(schema),
     }
-    """pydantic's settings for this stdlib dataclass: the help texts in the JSON schema."""
+    """pydantic's settings for this stdlib dataclass (a plain dict, which pydantic 2 reads
+    from it): an unknown key is an error, never dropped; the help texts in the JSON schema."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Callable[[Any], Any]) -> Any:
+        """pydantic's schema, each field strict: ``true``, ``4.0`` or ``"8"`` is refused,
+        never read as 1, 4 or 8. Strict per field, not ``"strict": True`` in the config,
+        which would refuse a dict in ``validate_python`` (only an instance passes)."""
+        schema = handler(source)
+        _strict(schema)
+        return schema
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -230,7 +242,8 @@ class AccumulationConfig:
         ignore: Iterable[str] = (),
         only_known: bool = False,
     ) -> AccumulationConfig:
-        """Read ``section`` (dotted for nested, None for the whole file) of a YAML file.
+        """Read ``section`` (dotted for nested; None or ``""`` for the whole file, ``--section
+        ''`` on the command line) of a YAML file.
 
         The file is read as YAML 1.2 (``pip install 'accumfn[config]'`` for ruamel.yaml):
         ``3e-4`` is a number, ``010`` is 10, ``1:30`` and ``yes`` are text, and a key written
@@ -239,6 +252,9 @@ class AccumulationConfig:
         """
         data = read_yaml(Path(path))
         where = str(path)
+        document = data
+        if section == "":
+            section = None
         if section is not None:
             for part in section.split("."):
                 if not isinstance(data, Mapping) or part not in data:
@@ -246,9 +262,12 @@ class AccumulationConfig:
                     raise ConfigError(
                         f"{where} has no {section!r} section (top-level keys: {keys}); put the "
                         f"accumulation settings under '{section}:', or pass section= naming "
-                        f"the section that holds them (None for the whole file)."
+                        f"the section that holds them, None for the whole file (accumfn "
+                        f"check/plan: --section NAME, or --section '' for the whole file)."
                     )
                 data = data[part]
+            names = [field.name for field in dataclasses.fields(cls)]
+            refuse_outside(document, section, names, set(ignore), where)
             where = f"{where} [{section}]"
         if not isinstance(data, Mapping):
             raise ConfigError(
@@ -309,6 +328,18 @@ def _describe(schema: dict[str, Any]) -> None:
             properties[field.name]["description"] = field.metadata["help"]
     if "lr_scaling" in properties:
         properties["lr_scaling"]["enum"] = list(LR_RULES)
+
+
+def _strict(node: object) -> None:
+    """Each int, float, bool and str in a pydantic core schema made strict, in place."""
+    if isinstance(node, dict):
+        if node.get("type") in ("int", "float", "bool", "str"):
+            node["strict"] = True
+        for value in node.values():
+            _strict(value)
+    elif isinstance(node, list):
+        for value in node:
+            _strict(value)
 
 
 def _docstring_args() -> str:
@@ -378,6 +409,13 @@ def _unknown(key: str, value: object, names: list[str], section: str | None) -> 
     renamed = other_name(key, value)
     if renamed is not None:
         return renamed
+    field = own_name(key, names)
+    if field is not None:
+        return (
+            f"key {key!r} with value {value!r}: did you mean {field!r}? accumfn's keys are "
+            f"written in lower case with underscores, as the field names (never a setting "
+            f"dropped silently): write {field}: {value!r}."
+        )
     return (
         f"unknown key {key!r} with value {value!r}{closest(key, names)}. Known keys: "
         f"{', '.join(names)}. Fix the spelling, or pass ignore=[{key!r}] (accumfn check/plan: "

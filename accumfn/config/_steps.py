@@ -30,9 +30,11 @@ def steps_value(value: object) -> int | str:
             "accumulation_steps=None to GradientAccumulator (or accumfn.init(steps=None)) in "
             "that loop, and leave gradient_accumulation_steps out of the config."
         )
-    table = _mapping(value) if isinstance(value, str) else value
-    if isinstance(table, Mapping):
-        return _text(table)
+    pairs = _pairs(value) if isinstance(value, str) else None
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    if pairs is not None:
+        return _text(pairs)
     if callable(value) or isinstance(value, (Constant, ByEpoch)):
         raise ConfigError(
             f"gradient_accumulation_steps must be {_FORMS} in a config, got {value!r}; a "
@@ -46,27 +48,49 @@ def schedule(value: int | str | Mapping[object, object]) -> int | dict[int, int]
     """What ``accumfn.init(steps=...)`` takes for a checked ``value``."""
     if isinstance(value, int):
         return value
-    table = _mapping(value) if isinstance(value, str) else value
-    return dict(ByEpoch(_int_keys(table or {})).table)  # checked: never {}
+    pairs = _pairs(value) if isinstance(value, str) else list(value.items())
+    return dict(ByEpoch(_epochs(pairs or [])).table)  # checked: never {}
 
 
-def _mapping(text: str) -> Mapping[object, object] | None:
-    """The mapping ``text`` writes in Python/YAML flow syntax (``{0: 2, 3: 4}``), or None."""
+def _pairs(text: str) -> list[tuple[object, object]] | None:
+    """The ``(key, value)`` pairs of the mapping ``text`` writes in Python/YAML flow syntax
+    (``{0: 2, 3: 4}``), every key kept (a key written twice too), or None."""
     try:
-        value = ast.literal_eval(text.strip())
+        tree = ast.parse(text.strip(), mode="eval").body
+        if not isinstance(tree, ast.Dict):
+            return None
+        return [
+            (ast.literal_eval(key) if key is not None else None, ast.literal_eval(steps))
+            for key, steps in zip(tree.keys, tree.values, strict=True)
+        ]
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return None
-    return value if isinstance(value, Mapping) else None
 
 
-def _int_keys(table: Mapping[object, object]) -> dict[object, object]:
-    """Epochs written as text (JSON objects' keys are always text) read as ints."""
-    return {
-        int(key) if isinstance(key, str) and key.strip().isdigit() else key: steps
-        for key, steps in table.items()
-    }
+def _epoch(key: object) -> int:
+    """A schedule's key as an epoch: an int, or ASCII digits (JSON objects' keys are always
+    text); anything else (``False``, ``0.0``, ``'²'``) is refused."""
+    if isinstance(key, str) and key.strip().isascii() and key.strip().isdigit():
+        return int(key)
+    return check_count("schedule epoch", key, minimum=0)
 
 
-def _text(table: Mapping[object, object]) -> str:
-    rows = ByEpoch(_int_keys(table)).table
+def _epochs(pairs: list[tuple[object, object]]) -> dict[int, object]:
+    """``{epoch: steps}``; two keys that name one epoch (``0`` and ``'0'``) are refused."""
+    table: dict[int, object] = {}
+    written: dict[int, object] = {}
+    for key, steps in pairs:
+        epoch = _epoch(key)
+        if epoch in table:
+            raise ConfigError(
+                f"the epoch schedule names epoch {epoch} twice ({written[epoch]!r}: "
+                f"{table[epoch]!r} and {key!r}: {steps!r}); keep the one you mean and delete "
+                f"the other (never the last kept silently)."
+            )
+        table[epoch], written[epoch] = steps, key
+    return table
+
+
+def _text(pairs: list[tuple[object, object]]) -> str:
+    rows = ByEpoch(_epochs(pairs)).table
     return "{" + ", ".join(f"{epoch}: {steps}" for epoch, steps in rows) + "}"

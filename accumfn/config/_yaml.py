@@ -44,7 +44,7 @@ def read_yaml(path: Path) -> Any:
             f"no config file at {str(path)!r} (it {state}{where}): check the path, e.g. "
             f"examples/config.yaml."
         )
-    text = path.read_text(encoding="utf-8")
+    text = _text(path)
     yaml = ruamel.YAML(typ="safe", pure=True)
     yaml.allow_duplicate_keys = False
     try:
@@ -59,12 +59,33 @@ def read_yaml(path: Path) -> Any:
             f"{str(path)!r} is not valid YAML{line}: {problem}; fix the file (indent nested "
             f"keys with spaces, one 'key: value' per line)."
         ) from None
+    except Exception as exc:  # ruamel's own assertions, e.g. a key twice in an !!omap
+        raise ConfigError(
+            f"{str(path)!r} could not be read as YAML (ruamel.yaml raised "
+            f"{type(exc).__name__}{f': {exc}' if str(exc) else ''}); write the settings as "
+            f"plain 'key: value' lines, each key once, without tags such as !!omap."
+        ) from None
     if data is None:
         raise ConfigError(
             f"{str(path)!r} is empty; write the settings in it, e.g. 'training:' then "
             f"'  batch_size: 8' and '  gradient_accumulation_steps: 4'."
         )
     return data
+
+
+def _text(path: Path) -> str:
+    """The file's text, which must be UTF-8 (a ConfigError names the file otherwise)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        wide = data[:2] in (b"\xff\xfe", b"\xfe\xff")  # a UTF-16 or UTF-32 byte-order mark
+        kind = "UTF-16 or UTF-32 text, not UTF-8" if wide else "not UTF-8"
+        raise ConfigError(
+            f"{str(path)!r} is {kind} (byte {data[exc.start]:#04x} at offset {exc.start} "
+            f"cannot be read as UTF-8); save it as UTF-8, the encoding accumfn, Hydra and the "
+            f"other config readers read."
+        ) from None
 
 
 def _duplicate_message(path: Path, root: Any, exc: Exception) -> str:

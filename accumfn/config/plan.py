@@ -6,7 +6,7 @@ import math
 
 import attrs
 
-from ..core import check_count
+from ..core import DEFAULT_MAX_GRAD_NORM, check_count
 
 __all__ = ["WindowPlan", "format_plan", "plan_window"]
 
@@ -50,8 +50,11 @@ def plan_window(batch_size: int, target: int, devices: int = 1) -> WindowPlan:
     return WindowPlan(batch_size=batch_size, devices=devices, target=target, window=window)
 
 
-def format_plan(plan: WindowPlan) -> str:
-    """The plan as the table users read, with a note when the target is not reachable."""
+def format_plan(plan: WindowPlan, max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM) -> str:
+    """The plan as the table users read, the clipping it runs under (the default unless
+    given), and a note when the target is not reachable."""
+    from ._advice import clipping_text  # _advice imports this module
+
     rows = [
         ("physical batch per device", plan.batch_size),
         ("devices", plan.devices),
@@ -61,6 +64,7 @@ def format_plan(plan: WindowPlan) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines.append(f"clipping: {clipping_text(max_grad_norm)}")
     lines.append("")
     lines.append(
         f"GradientAccumulator(optimizer, accumulation_steps={plan.window}, "

@@ -11,7 +11,7 @@ optax's ``accumulator_dtype``, DeepSpeed's ``gradient_accumulation_dtype`` and M
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -41,8 +41,12 @@ def dtype_named(name: str) -> torch.dtype:
     return dtype
 
 
-def stash_(params: Iterable[torch.Tensor], dtype: torch.dtype) -> None:
-    """Add each narrower dense gradient into its parameter's buffer; clear ``.grad``."""
+def stash_(params: Iterable[torch.Tensor], dtype: torch.dtype, keep: Collection[int] = ()) -> None:
+    """Add each narrower dense gradient into its parameter's buffer; clear ``.grad``.
+
+    The parameters whose ids are in ``keep`` keep their ``.grad``, zeroed, so that the
+    guard of the open window can tell a loop's ``zero_grad()`` from accumfn's own work.
+    """
     for param in params:
         grad = param.grad
         if grad is None or grad.dtype == dtype or grad.is_sparse:
@@ -52,7 +56,10 @@ def stash_(params: Iterable[torch.Tensor], dtype: torch.dtype) -> None:
             _BUFFERS[param] = grad.to(dtype)
         else:
             buffer.add_(grad)
-        param.grad = None
+        if keep and id(param) in keep:
+            grad.zero_()
+        else:
+            param.grad = None
 
 
 def buffered(param: torch.Tensor) -> torch.Tensor | None:

@@ -5,7 +5,8 @@
 - ``lightning``: ``ExactAccumulation``, Lightning's ``accumulate_grad_batches`` made exact
   (importing it imports ``lightning``).
 
-Accelerate support will live here too.
+Accelerate's, DeepSpeed's and Fabric's objects are recognised where accumfn first meets
+them, in ``step._foreign`` (the conflict error lives in ``accumfn.errors``).
 """
 
 from ._detect import AccumulationConflictError, check_conflict, trainer_accumulation

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import numbers
 
-from ..errors import ConfigError
+from ..errors import AccumulationConflictError, ConfigError
 
 __all__ = ["AccumulationConflictError", "check_conflict", "trainer_accumulation"]
-
-
-class AccumulationConflictError(ConfigError):
-    """Both accumfn and the Lightning trainer were asked to accumulate."""
 
 
 def trainer_accumulation(trainer: object) -> int | None:

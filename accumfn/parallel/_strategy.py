@@ -173,6 +173,8 @@ class DataParallel:
         self._hook_warned = False
         self.failures = 0
         """Window steps of this model that raised since it was built or last resumed."""
+        self.guard: Any = None
+        """The step layer's guard of this model's open window (``step._guard``)."""
         self.last_failure = ""
 
     @property

@@ -8,6 +8,10 @@
   before anything changes.
 - ``_tally``: what a window keeps on the device beside the pure state (item counts given
   as tensors, the sum of its losses), read only at its boundary.
+- ``_guard``: nothing but accumfn touches an open window: a loop's leftover ``zero_grad``
+  or ``step``, optimizers stepped inside backward, a window never applied.
+- ``_foreign``: other trainers' objects (Accelerate, DeepSpeed, Lightning Fabric) refused
+  before they make a window wrong, or driven where that is exact.
 
 ``__all__`` is the functional API (``accumfn`` re-exports it); the other names serve
 ``GradientAccumulator``.
@@ -19,6 +23,13 @@ from ._apply import check_hooks as check_hooks
 from ._apply import check_model as check_model
 from ._apply import prepare_step as prepare_step
 from ._apply import run_step as run_step
+from ._foreign import check_foreign_optimizer as check_foreign_optimizer
+from ._guard import all_guards as all_guards
+from ._guard import continue_guard as continue_guard
+from ._guard import existing_guard as existing_guard
+from ._guard import guard_for as guard_for
+from ._guard import guards_of as guards_of
+from ._guard import report_dropped as report_dropped
 from ._tally import attach_beside as attach_beside
 from ._tally import carry as carry
 from ._tally import closed_loss as closed_loss

@@ -16,6 +16,7 @@ from ..core import AccumState
 from ..errors import CallOrderError, ConfigError, LossError
 from ..grads import buffers, check_scaler
 from . import _tally as tally
+from ._guard import guard_for
 from ._window import enabled
 
 __all__ = ["accumulate", "check_loss", "flush", "micro_step_context", "prepare_forward"]
@@ -121,9 +122,11 @@ def accumulate(
     new_state, plan = core.micro_step(
         state, is_final_batch=is_final_batch, num_items=num_items, scaled=scaler is not None
     )
+    parallel = distributed.strategy(model)
+    guard = parallel.guard or guard_for(model, parallel, state.window)
+    guard.check(state)  # a loop's zero_grad or step inside the window: refused before anything
     running = tally.extend(tally.open_tally(state), loss, count)
     items = None if not plan.boundary else tally.items_value(running, new_state.window_items)
-    parallel = distributed.strategy(model)
     plain = parallel.kind == "plain"  # one process, no DDP/FSDP: no sync flag, no header
     wide = None if state.config.accum_dtype is None else _wide(state, parallel)
     totals = None
@@ -149,9 +152,13 @@ def accumulate(
     if scaler is not None:
         scaled = scaler.scale(scaled)
     try:
-        torch.autograd.backward(scaled)
-    except RuntimeError as exc:
-        if "backward through the graph a second time" not in str(exc):
+        if guard.hooked:  # post-accumulate-grad hooks: no optimizer may step inside
+            guard.backward(scaled)
+        else:
+            torch.autograd.backward(scaled)
+    except BaseException as exc:
+        guard.failed()
+        if not isinstance(exc, RuntimeError) or "a second time" not in str(exc):
             raise
         raise LossError(
             "this loss's graph was already used by a backward pass: accumulate runs backward "
@@ -160,12 +167,19 @@ def accumulate(
         ) from exc
     if plain and wide is None:
         if plan.boundary:
-            return _close_alone(new_state, running, counted), True
+            closed = _close_alone(new_state, running, counted)
+            guard.closed(closed)
+            return closed, True
         tally.attach(new_state, running)
+        guard.note(new_state)
         return new_state, False
     parallel.backward_done()
     if wide is not None:
-        buffers.stash_(buffers.stash_params(parallel.model), wide)
+        buffers.stash_(buffers.stash_params(parallel.model), wide, keep=guard.keep)
+    if plan.boundary:
+        guard.closed(new_state)
+    else:
+        guard.note(new_state)
     if plain:
         if not plan.boundary:
             tally.attach(new_state, running)
@@ -245,6 +259,8 @@ def flush(
     reduced = parallel.kind == "plain" or (
         state.config.sync_every_micro_step and parallel.kind in ("ddp", "fsdp2")
     )
+    guard = guard_for(model, parallel, state.window)
+    guard.check(state)
     parallel.refuse_join()
     running = tally.open_tally(state)
     items = None if running is None else tally.items_value(running, state.window_items)
@@ -264,4 +280,6 @@ def flush(
     if loss_sum is None:  # ranks without a window open take part with a loss of 0
         loss_sum = torch.zeros((), dtype=torch.float64)
     wide = _wide(state, parallel)
-    return _close_together(state, parallel, totals, fallback, wide, loss_sum), True
+    closed = _close_together(state, parallel, totals, fallback, wide, loss_sum)
+    guard.closed(closed)
+    return closed, True

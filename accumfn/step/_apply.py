@@ -26,6 +26,7 @@ from ..grads import (
     optimizer_params,
     zero_grads_,
 )
+from ._guard import existing_guard, guard_for, guards_of
 from ._tally import closed_loss
 from ._window import (
     LRScheduler,
@@ -212,6 +213,7 @@ def prepare_step(
         schedulers = as_schedulers(scheduler)
         check_steppable(optimizers)
     assert isinstance(model, nn.Module)
+    guard_for(model, window=state.window).watch(optimizers, state.window)
     check_reduced(model, optimizers)  # every window: a param group may have been added
     core.check_step_scaler(state, enabled(scaler) is not None)  # type: ignore[arg-type]
     params = None  # resolved here only when a check needs it; else where the step does
@@ -492,6 +494,9 @@ def run_step(
     state: AccumState, window: _Window, model: nn.Module, *, grad_norm: bool = False
 ) -> StepReport:
     """Carry out a checked window (see ``step_window``)."""
+    guard = distributed.strategy(model).guard
+    if guard is not None:
+        guard.applied()  # closed before: only accumfn steps its optimizers from here
     progress: _Progress = window
     if progress.phase != "grads" or progress.scaler_pending:  # run before: start afresh
         _Progress.__init__(progress)
@@ -629,6 +634,9 @@ def reset_epoch(
             "through the model. Pass it: reset_epoch(state, optimizer, model)."
         )
     new_state, dropped = core.start_epoch(state)
+    for guard in [existing_guard(model), *guards_of(optimizers)]:
+        if guard is not None:
+            guard.applied()  # the window is gone: nothing left to guard or to apply
     if dropped:
         if model is not None and inside:
             distributed.strategy(model).drop_unreduced_grads()

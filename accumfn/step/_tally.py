@@ -59,6 +59,11 @@ def check_count(num_items: torch.Tensor) -> torch.Tensor:
             f"num_items must be an int or a 0-dim integer tensor, got a tensor of shape "
             f"{tuple(num_items.shape)}; sum it first (e.g. (labels != -100).sum())."
         )
+    if num_items.device.type == "meta":
+        raise ConfigError(
+            "num_items is a tensor on the meta device, which holds no value to count; count "
+            "the items of the batch the loss was computed from, on its device."
+        )
     if num_items.dtype not in _INTEGERS:
         raise ConfigError(
             f"num_items must be an int or a 0-dim integer tensor, got a {num_items.dtype} "

@@ -21,6 +21,7 @@ from torch.amp import GradScaler
 
 from ..errors import ConfigError, caller_level
 from ..grads import optimizer_params
+from ._foreign import check_foreign_optimizer
 
 __all__ = [
     "LRScheduler",
@@ -66,6 +67,7 @@ def as_optimizers(optimizer: object, *, hint: str = "") -> tuple[torch.optim.Opt
         )
     for index, item in enumerate(items):
         if not isinstance(item, torch.optim.Optimizer):
+            check_foreign_optimizer(item, None)  # DeepSpeed's: say so
             where = f"optimizer[{index}]" if isinstance(optimizer, (list, tuple)) else "optimizer"
             raise ConfigError(
                 f"{where} must be a torch.optim.Optimizer (or a list of them), got "

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...core import init
+from ...core import DEFAULT_MAX_GRAD_NORM, init
 from ...step import accumulate, apply_step
 from ._data import IGNORE, mlp, ragged_tokens, regression, token_model
 
@@ -34,7 +34,8 @@ class DemoSettings:
     """Optimizer steps per epoch; the last window of each epoch is short."""
     epochs: int = 2
     lr: float = 1e-2
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = DEFAULT_MAX_GRAD_NORM
+    """The clipping of all three runs, as accumfn's default (None: no clipping)."""
     seed: int = 0
 
     @property
@@ -83,11 +84,12 @@ def _adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def _large_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_norm: float
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_norm: float | None
 ) -> None:
     optimizer.zero_grad(set_to_none=True)
     torch.autograd.backward(loss)
-    nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if max_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
 
 
@@ -105,8 +107,9 @@ def _batches(
             yield epoch, window, i == len(windows) - 1
 
 
-def _naive_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
-    nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+def _naive_step(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
+    if max_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
