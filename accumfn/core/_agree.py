@@ -4,9 +4,9 @@ Whenever the ranks must act together (a window closes, a checkpoint is loaded) e
 contributes one ``RankView``: which window of which run it is in (its identity: epoch,
 steps applied and skipped, failed steps, the GradScaler's scale, the planned window, a
 digest of the settings that change the update) and how the window closes (micro-steps,
-items, flags). The shell gathers every rank's view and
-the functions here decide from the same list on every rank: so every rank raises, or
-none does, before anything is reduced, stepped or loaded.
+items, flags). The shell gathers every rank's view and the functions here decide from the
+same list on every rank: so every rank raises, or none does, before anything is reduced,
+stepped or loaded.
 """
 
 from __future__ import annotations
