@@ -281,7 +281,8 @@ class GradientAccumulator:
     def _step(self, state: AccumState, window: Any, model: nn.Module, last: bool = False) -> None:
         """Run a closed window's checked step; keep the state to continue from either way.
 
-        ``last``: the window ended the data (``is_final_batch``), so no later window's header
+        ``last``: the window ended the data (``is_final_batch`` or ``flush`` with planned
+        windows, so a rank may end it either way), so no later window's header
         would tell the ranks that its step failed on some of them: they compare now, with
         one more exchange (a ``flush`` of the empty next window), and all raise if so.
         """
@@ -292,12 +293,12 @@ class GradientAccumulator:
             self._state = exc.state
             self._norm = None
             if last:
-                flush(exc.state, model)  # raises on every rank: this step failed here
+                flush(exc.state, model, scaler=self.scaler)  # raises on every rank: failed here
             raise
         self._state = report.state
         self._norm = report.grad_norm
         if last:
-            flush(report.state, model)
+            flush(report.state, model, scaler=self.scaler)
 
     def flush(self, model: nn.Module | None = None) -> bool:
         """Close and step the open window after the last micro-batch; True if it stepped.
@@ -324,11 +325,12 @@ class GradientAccumulator:
         model = self._model
         # The step's checks come first, so an error there changes nothing.
         window = self._prepare_step(self._state, model) if self._state.is_accumulating else None
-        state, stepped = flush(self._state, model)
+        state, stepped = flush(self._state, model, scaler=self.scaler)
         if not stepped or window is None:  # (ranks whose windows differ raised in flush)
             return False
         self._state = state
-        self._step(state, window, model)
+        # flush ends the data, as is_final_batch does: the ranks compare once more alike
+        self._step(state, window, model, last=not state.caller_closed)
         return True
 
     def reset_epoch(self) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from typing import Any
+
 import attrs
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from accumfn import core
-from accumfn.errors import CheckpointError, RankMismatchError
+from accumfn.errors import CheckpointError, ConfigError, RankMismatchError
 
 
 @st.composite
@@ -207,3 +212,127 @@ def test_resume_agrees_only_on_one_step_and_own_checkpoints(
             core.agree_resume(views, len(ranks))
         return
     core.agree_resume(views, len(ranks))
+
+
+_SETTINGS: dict[str, list[Any]] = {
+    "max_grad_norm": [None, 0.5, 1.0],
+    "skip_nonfinite": [False, True],
+    "accum_dtype": [None, "float32", "float64"],
+    "sync_every_micro_step": [False, True],
+    "steps": [2, {0: 2}, "callable", None],
+}
+
+
+def _config(values: dict[str, Any]) -> core.AccumState | None:
+    """A state of these settings with one micro-step taken (None: they do not combine)."""
+    steps = values["steps"]
+    try:
+        state = core.init(
+            (lambda step: 2) if steps == "callable" else steps,
+            max_grad_norm=values["max_grad_norm"],
+            skip_nonfinite=values["skip_nonfinite"],
+            accum_dtype=values["accum_dtype"],
+            sync_every_micro_step=values["sync_every_micro_step"],
+        )
+    except ConfigError:
+        return None
+    return core.micro_step(state)[0]
+
+
+@st.composite
+def rank_settings(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Per rank: the settings that must agree (mostly equal, sometimes one or two apart)."""
+    base = {name: draw(st.sampled_from(values)) for name, values in _SETTINGS.items()}
+    ranks = []
+    for _ in range(draw(st.integers(2, 5))):
+        mine = dict(base)
+        for name in draw(st.lists(st.sampled_from(list(_SETTINGS)), max_size=2, unique=True)):
+            mine[name] = draw(st.sampled_from(_SETTINGS[name]))
+        ranks.append(mine)
+    return ranks
+
+
+@settings(max_examples=400)
+@given(rank_settings())
+def test_ranks_built_with_other_settings_raise_naming_each_setting(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """Every rank's window carries a digest of the settings that change the update; ranks
+    whose settings differ raise on every rank (at a close, an open and a resume), and
+    given every rank's settings the message names each differing setting and every value."""
+    states = [_config(values) for values in ranks]
+    live = [state for state in states if state is not None]
+    assume(len(live) == len(states))
+    configs = [state.config for state in live]
+    shown = [core.settings_of(config) for config in configs]
+    differing = [
+        index for index in range(len(shown[0])) if len({mine[index] for mine in shown}) > 1
+    ]
+    digests = {core.settings_digest(config) for config in configs}
+    assert (len(digests) > 1) == bool(differing)
+    assert all(0 <= digest < 2**63 for digest in digests)
+    closes = [
+        core.window_view(state, rank=rank, final=True, reduces=False)
+        for rank, state in enumerate(live)
+    ]
+    opens = [core.open_view(state, rank=rank) for rank, state in enumerate(live)]
+    resumes = [
+        core.resume_view(state, rank=rank, saved_by=(rank, len(live)))
+        for rank, state in enumerate(live)
+    ]
+    if not differing:
+        assert core.identity_problem(closes) is None
+        core.agree_open(opens)
+        core.agree_resume(resumes, len(live))
+        return
+    if len({values["steps"] is None for values in ranks}) > 1:  # its own message comes first
+        with pytest.raises(RankMismatchError, match="close their windows themselves"):
+            core.agree(closes)
+        with pytest.raises(RankMismatchError, match="close their windows themselves"):
+            core.agree_open(opens)
+        return
+    with pytest.raises(RankMismatchError, match="other settings"):
+        core.agree(closes)
+    with pytest.raises(RankMismatchError, match="other settings"):
+        core.agree_open(opens)
+    with pytest.raises(CheckpointError, match="other settings"):
+        core.agree_resume(resumes, len(live))
+    problem = core.identity_problem(closes, settings=shown)
+    assert problem is not None
+    named = problem.split(": the ranks would step apart")[0]
+    for index, (name, _) in enumerate(shown[0]):
+        assert (f"{name}=" in named) == (index in differing), (name, problem)
+    for index in differing:
+        for mine in shown:
+            assert mine[index][1] in named
+    with pytest.raises(CheckpointError, match=f"{shown[0][differing[0]][0]}="):
+        core.agree_resume(resumes, len(live), shown)
+
+
+def test_the_settings_message_reads_as_written() -> None:
+    clipped, unclipped = core.init(4), core.init(4, max_grad_norm=None)
+    views = [
+        core.window_view(core.micro_step(state)[0], rank=rank, final=False, reduces=True)
+        for rank, state in enumerate([clipped, unclipped])
+    ]
+    settings = [core.settings_of(clipped.config), core.settings_of(unclipped.config)]
+    problem = core.identity_problem(views, settings=settings)
+    assert problem is not None
+    assert problem.startswith("rank 0 clips at max_grad_norm=1.0, rank 1 at None: ")
+    assert "same max_grad_norm" in problem
+
+
+def test_the_settings_digest_is_stable_across_processes() -> None:
+    """Not Python's salted ``hash``: the same digest in processes of other hash seeds."""
+    code = (
+        "from accumfn import core; "
+        "print(core.settings_digest(core.init(4, accum_dtype='float32').config))"
+    )
+    seen = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        seen.add(int(out.stdout))
+    assert seen == {core.settings_digest(core.init(4, accum_dtype="float32").config)}

@@ -14,6 +14,8 @@ from accumfn import core
 from accumfn.errors import CallOrderError, ConfigError
 
 TABLE = st.lists(st.integers(1, 6), min_size=1, max_size=6)
+ON_DEVICE_ITEMS = 7
+"""Items of each micro-batch counted on the device (the shell adds them at the close)."""
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -47,6 +49,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.skipped = 0
         self.dropped = 0
         self.items = 0
+        self.device = 0  # micro-steps of the window whose count the shell keeps
         self.mode: str | None = None
         self.scaled: bool | None = None  # whether the window's losses went through a GradScaler
         self.closed = False
@@ -66,13 +69,15 @@ class CoreMachine(RuleBasedStateMachine):
 
     @rule(
         final=st.booleans(),
-        items=st.one_of(st.none(), st.integers(1, 50)),
+        items=st.one_of(st.none(), st.integers(1, 50), st.just("device")),
         scaled=st.sampled_from([False, False, False, True]),
     )
-    def micro_step(self, final: bool, items: int | None, scaled: bool) -> None:
+    def micro_step(self, final: bool, items: int | str | None, scaled: bool) -> None:
         mode = "mean" if items is None else "items"
         before = self.state
-        step = {"is_final_batch": final, "num_items": items, "scaled": scaled}
+        on_device = items == "device"
+        given = core.ON_DEVICE if on_device else items
+        step = {"is_final_batch": final, "num_items": given, "scaled": scaled}
         if self.closed:
             try:
                 core.micro_step(self.state, **step)  # type: ignore[arg-type]
@@ -93,7 +98,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.state, plan = core.micro_step(self.state, **step)  # type: ignore[arg-type]
         self.micro += 1
         self.total += 1
-        self.items += items or 0
+        self.items += items if isinstance(items, int) else 0
+        self.device += on_device
         self.mode = mode
         self.scaled = scaled
         boundary = final or self.micro == self.window
@@ -102,8 +108,9 @@ class CoreMachine(RuleBasedStateMachine):
         assert synced_forward == (self.every or self.micro == self.window)
         assert plan.loss_divisor == ((self.window or 1) if mode == "mean" else 1)
         if boundary:
-            self.state = core.close_window(self.state)
-            expected = (self.window or 1) / self.micro if mode == "mean" else 1 / self.items
+            counted = self.items + ON_DEVICE_ITEMS * self.device  # as the shell reads it
+            self.state = core.close_window(self.state, global_items=counted)
+            expected = (self.window or 1) / self.micro if mode == "mean" else 1 / counted
             assert self.state.grad_scale == expected
             self.closed = True
 
@@ -124,7 +131,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.state = core.finish_step(self.state, applied=applied)
         self.applied += applied
         self.skipped += not applied
-        self.micro = self.items = 0
+        self.micro = self.items = self.device = 0
         self.mode = None
         self.scaled = None
         self.closed = False
@@ -142,7 +149,7 @@ class CoreMachine(RuleBasedStateMachine):
         assert dropped == self.micro
         self.dropped += dropped
         self.epoch += 1
-        self.micro = self.items = 0
+        self.micro = self.items = self.device = 0
         self.mode = None
         self.scaled = None
         self.window = self._expected_window()
@@ -165,6 +172,7 @@ class CoreMachine(RuleBasedStateMachine):
         assert s.dropped_micro_steps == self.dropped and s.window_items == self.items
         assert s.is_accumulating == (self.micro > 0)
         assert s.window_scaled is self.scaled
+        assert s.window_device_counts == self.device
 
     @invariant()
     def every_state_passes_the_validators(self) -> None:

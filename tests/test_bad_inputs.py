@@ -201,6 +201,12 @@ def zero_next_window(world: World) -> AccumState:
     return attrs.evolve(world.closed, config=config)
 
 
+def counted_on_device_copy(world: World) -> AccumState:
+    """A copy of an item-mode state whose window counted one micro-batch on the device
+    (a tensor): the tally ``accumulate`` kept beside the original is not beside it."""
+    return attrs.evolve(world.open, window_norm=core.Normalization.ITEMS, window_device_counts=1)
+
+
 def second_accumulator_on_scaler(world: World) -> None:
     GradientAccumulator(world.optimizer, 4, scaler=world.scaler)
     GradientAccumulator(lone_optimizer(), 4, scaler=world.scaler)
@@ -451,6 +457,21 @@ ROWS = [
         ConfigError,
         r"given a GradScaler but its losses were accumulated without one",
         r"Pass the GradScaler to accumulate on every micro-batch as well",
+    ),
+    Row(
+        "`flush(..., scaler=...)` on a window accumulated without one",
+        lambda w: accumfn.flush(w.open, w.model, scaler=w.scaler),
+        ConfigError,
+        r"flush was given a GradScaler but this window's losses were accumulated without one",
+        r"Pass the GradScaler to accumulate on every micro-batch as well",
+    ),
+    Row(
+        "a copy of a mid-window state whose counts were tensors (`copy.deepcopy(state)`, "
+        "`AccumState.from_dict(state.to_dict())`, `attrs.evolve(state)`)",
+        lambda w: accumulate(w, state=counted_on_device_copy(w), num_items=3),
+        ConfigError,
+        r"counted num_items on the device .* this state is a copy of it .* too few items",
+        r"Continue from the state accumulate returned.*checkpoint\.capture",
     ),
     Row(
         "`(state, stepped)` passed as the state",

@@ -6,12 +6,14 @@ Every run is compared with one large batch per window over the same micro-batche
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import pickle
 import warnings
 from typing import Any
 
+import attrs
 import pytest
 import torch
 
@@ -298,6 +300,8 @@ def test_a_state_saved_inside_a_window_holds_the_tensor_counts() -> None:
         )
     saved = accumfn.checkpoint.capture(state, _sgd(model))
     assert saved["accumfn"]["window_items"] == sum(counts)
+    assert saved["accumfn"]["window_device_counts"] == 0  # read into window_items
+    assert state.window_device_counts == 2
     assert state.window_items == counts[1]  # the state itself holds only the ints
     assert math.isfinite(saved["window_loss"])
 
@@ -421,6 +425,108 @@ def test_a_copied_state_has_no_tally_and_its_window_loss_is_nan() -> None:
     assert stepped
     report = accumfn.step_window(closed, _sgd(model), model)
     assert math.isnan(float(report.window_loss))
+
+
+COPIES = {
+    "deepcopy": copy.deepcopy,
+    "pickle": lambda state: pickle.loads(pickle.dumps(state)),
+    "to_dict": lambda state: accumfn.AccumState.from_dict(state.to_dict()),
+    "evolve": attrs.evolve,
+}
+COPIED_AT = ["inside", "boundary", "flush", "capture"]
+
+
+@pytest.mark.parametrize("at", COPIED_AT)
+@pytest.mark.parametrize("how", list(COPIES))
+def test_a_copy_of_a_window_with_tensor_counts_is_refused_and_changes_nothing(
+    how: str, at: str
+) -> None:
+    """A copy of a state whose open window counted items on the device lacks those counts
+    (they are kept beside the state ``accumulate`` returned): it is refused at the next
+    micro-batch, the boundary, ``flush`` and ``capture``, before anything runs; the state
+    ``accumulate`` returned then finishes the window as the large batch does."""
+    data = _windows(12, empty=False)
+    window = [ranks[0] for ranks in data[0]]  # 3 micro-batches
+    model = token_model(0)
+    optimizer = _sgd(model)
+    state = accumfn.init(3, max_grad_norm=None)
+    kept = 2 if at in ("boundary", "flush") else 1
+    for index, batch in enumerate(window[:kept]):  # a tensor count, then an int one
+        count = count_of(batch, "mixed", index)
+        state, _ = accumfn.accumulate(
+            state, token_loss(model, batch, "sum"), model, num_items=count
+        )
+    copied = COPIES[how](state)
+    assert copied == state and copied.window_device_counts == 1
+    grads, params, held = (
+        _grads(model),
+        [p.detach().clone() for p in model.parameters()],
+        (state.to_dict()),
+    )
+    message = r"counted num_items on the device \(a tensor\) on 1 of its .*checkpoint\.capture"
+    with pytest.raises(ConfigError, match=message):
+        if at == "flush":
+            accumfn.flush(copied, model)
+        elif at == "capture":
+            accumfn.checkpoint.capture(copied, optimizer)
+        else:
+            batch = window[kept]
+            loss = token_loss(model, batch, "sum")
+            accumfn.accumulate(copied, loss, model, num_items=count_of(batch, "tensor", 0))
+    assert _same_grads(model, grads) and state.to_dict() == held == copied.to_dict()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    assert optimizer.state == {}
+    for index, batch in enumerate(window[kept:], start=kept):  # the state accumulate returned
+        count = count_of(batch, "mixed", index)
+        state, stepped = accumfn.accumulate(
+            state, token_loss(model, batch, "sum"), model, num_items=count
+        )
+    assert stepped
+    report = accumfn.step_window(state, optimizer, model)
+    losses, want = _reference(data[:1], item_mode=True)
+    assert float(report.window_loss) == pytest.approx(losses[0], rel=TOL, abs=TOL)
+    for got, expected in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_copy_with_only_int_counts_continues_and_an_old_dict_counts_none_on_the_device() -> None:
+    """Ints are in the state itself, so its copy goes on (its window's loss unknown); a dict
+    saved before the device counts were recorded loads with none."""
+    model = token_model(0)
+    batch = _windows(13)[0][0][0]
+    state, _ = accumfn.accumulate(
+        accumfn.init(3, max_grad_norm=None), token_loss(model, batch, "sum"), model, num_items=4
+    )
+    assert state.window_device_counts == 0
+    accumfn.accumulate(copy.deepcopy(state), token_loss(model, batch, "sum"), model, num_items=4)
+    old = state.to_dict()
+    del old["window_device_counts"]
+    assert accumfn.AccumState.from_dict(old) == state
+    with pytest.raises(ConfigError, match=r"window_device_counts \(2\) must be at most"):
+        attrs.evolve(state, window_device_counts=2)
+
+
+def test_a_copied_accumulator_keeps_its_tensor_counts() -> None:
+    """``copy.deepcopy`` of a GradientAccumulator inside a window carries what its state
+    keeps on the device: the copy finishes the window as the large batch does."""
+    data = _windows(14, empty=False)
+    window = [ranks[0] for ranks in data[0]]
+    model = token_model(0)
+    accumulator = accumfn.GradientAccumulator(_sgd(model), 3, max_grad_norm=None)
+    for index, batch in enumerate(window[:2]):
+        loss = token_loss(model, batch, "sum")
+        accumulator.accumulate(loss, model, num_items=count_of(batch, "tensor", index))
+    grads = [p.grad for p in model.parameters()]
+    both = copy.deepcopy({"acc": accumulator, "model": model, "grads": grads})
+    twin, twin_model = both["acc"], both["model"]
+    for param, grad in zip(twin_model.parameters(), both["grads"], strict=True):
+        param.grad = grad  # (a copied Parameter drops .grad)
+    loss = token_loss(twin_model, window[2], "sum")
+    assert twin.accumulate(loss, twin_model, num_items=count_of(window[2], "tensor", 2))
+    losses, want = _reference(data[:1], item_mode=True)
+    assert twin.stats.last_window_loss == pytest.approx(losses[0], rel=TOL, abs=TOL)
+    for got, expected in zip(twin_model.parameters(), want, strict=True):
+        torch.testing.assert_close(got.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("item_mode", [True, False], ids=["items", "mean"])

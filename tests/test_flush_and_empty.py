@@ -129,6 +129,37 @@ def test_flush_with_no_window_open_changes_nothing() -> None:
         accumfn.flush(closed, model)
 
 
+def test_flush_takes_the_windows_grad_scaler_on_one_process() -> None:
+    """On one process ``flush`` needs no scaler (nothing is exchanged) and takes the one the
+    window was scaled by; one given to a window scaled by none is refused, changing nothing.
+    (Under data parallelism: tests/test_flush_scaler_ddp.py.)"""
+    batches = _batches(9, 2)
+    expected, _ = _large_batch([batches], item_mode=False)
+    for passed in (None, "same"):
+        model = token_model(3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.5)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        state = accumfn.init(WINDOW, max_grad_norm=None)
+        for batch in batches:
+            loss = token_loss(model, batch, "mean")
+            state, _ = accumfn.accumulate(state, loss, model, scaler=scaler)
+        state, stepped = accumfn.flush(state, model, scaler=scaler if passed else None)
+        assert stepped
+        accumfn.apply_step(state, optimizer, model, scaler=scaler)
+        torch.testing.assert_close(
+            [p.detach() for p in model.parameters()], expected, rtol=1e-5, atol=1e-6
+        )
+    model = token_model(3)
+    state, _ = accumfn.accumulate(
+        accumfn.init(WINDOW), token_loss(model, batches[0], "mean"), model
+    )
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    with pytest.raises(accumfn.ConfigError, match="flush was given a GradScaler"):
+        accumfn.flush(state, model, scaler=torch.amp.GradScaler("cpu"))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    assert state.is_accumulating and not state.closed
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     count=st.integers(1, 3 * WINDOW),

@@ -86,6 +86,19 @@ def wandb_history(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
+def wandb_config(path: Path) -> dict[str, Any]:
+    """The config an offline run file records (its config updates, in order)."""
+    from wandb.proto import wandb_internal_pb2
+
+    config: dict[str, Any] = {}
+    for payload in _wandb_payloads(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "config":
+            config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+    return config
+
+
 def run_file(wandb_dir: Path, run_id: str) -> Path:
     """The run file of a finished offline run, once W&B has written all of it."""
     if "wandb" in sys.modules:
@@ -246,7 +259,9 @@ def test_log_checks_every_value_before_adding_any() -> None:
 def test_bad_configuration_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="reduce must be one of"):
         MetricsTracker(sinks=[], reduce="median")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="gradient_accumulation_steps must be >= 1"):
+    with pytest.raises(
+        ConfigError, match=r"gradient_accumulation_steps must be >= 1.*or None when the caller"
+    ):
         MetricsTracker(sinks=[], gradient_accumulation_steps=0)
     with pytest.raises(ConfigError, match="CallableSink"):
         MetricsTracker(sinks=[print])  # type: ignore[list-item]
@@ -326,6 +341,25 @@ def test_wandb_offline_history_equals_the_committed_rows(offline_wandb: Path) ->
     assert [step for step, _ in history] == [0, 1, 2]
     for (_, metrics), (_, window_losses) in zip(history, _expected_rows(losses, 4), strict=True):
         assert metrics["train/loss"] == pytest.approx(sum(window_losses) / len(window_losses))
+
+
+@pytest.mark.parametrize("steps", [None, 4])
+def test_wandb_config_records_the_planned_window_or_none(
+    offline_wandb: Path, steps: int | None
+) -> None:
+    """``gradient_accumulation_steps=None`` (windows the caller closes) is accepted and
+    recorded as such, not as the default 1."""
+    run_id = f"planned{steps}"
+    tracker = MetricsTracker(
+        use_wandb=True,
+        gradient_accumulation_steps=steps,
+        wandb_init={"project": "accumfn-test", "id": run_id},
+    )
+    assert tracker.gradient_accumulation_steps == steps
+    tracker.log_scalar("a", 1.0, step=0)
+    tracker.close()
+    config = wandb_config(run_file(offline_wandb, run_id))
+    assert config["gradient_accumulation_steps"] == steps
 
 
 def test_wandb_sink_uses_the_active_run_and_leaves_it_open(offline_wandb: Path) -> None:

@@ -161,3 +161,122 @@ def test_micro_step_takes_scaled_as_a_bool_only() -> None:
     with pytest.raises(ConfigError, match="scaled must be True or False, got 1"):
         accumfn.core.micro_step(state, scaled=1)  # type: ignore[arg-type]
     assert accumfn.core.micro_step(state, scaled=True)[0].window_scaled is True
+
+
+def _other_scaler(used: bool) -> torch.amp.GradScaler:
+    """A GradScaler that did not scale the window: fresh, or used elsewhere (its scale made)."""
+    other = torch.amp.GradScaler("cpu", init_scale=2.0)
+    if used:
+        other.scale(torch.zeros(()))
+    return other
+
+
+def _both(model: nn.Module, optimizer: torch.optim.Optimizer, *scalers: object) -> object:
+    return [_snapshot(model, optimizer, scaler) for scaler in scalers]
+
+
+@pytest.mark.parametrize("used", [False, True], ids=["fresh", "used"])
+@pytest.mark.parametrize("where", ["accumulate", "flush", "step"])
+def test_another_grad_scaler_than_the_windows_is_refused_then_the_right_one_is_exact(
+    where: str, used: bool
+) -> None:
+    """The window remembers which GradScaler scaled it: another one on a later micro-batch,
+    at ``flush`` or at the step is a ConfigError that changes nothing (a fresh one used to
+    fail inside the step and close the window as skipped; a used one to step silently
+    wrong); the window's own GradScaler then gives the large batch's update."""
+    model, ref, optimizer, x, y = _setup(6)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    other = _other_scaler(used)
+    micro = list(zip(x.split(MICRO), y.split(MICRO), strict=True))
+    state = accumfn.init(None if where == "flush" else STEPS, max_grad_norm=None)
+    for w in range(2):
+        batches = micro[w * STEPS : (w + 1) * STEPS]
+        for i, (xb, yb) in enumerate(batches):
+            if where == "accumulate" and i == 2:
+                before = _both(model, optimizer, scaler, other)
+                with pytest.raises(ConfigError, match="micro-batch was given another GradScaler"):
+                    accumfn.accumulate(state, mse(model, xb, yb), model, scaler=other)
+                assert same(before, _both(model, optimizer, scaler, other))
+            last = where != "flush" and i == len(batches) - 1
+            state, stepped = accumfn.accumulate(
+                state, mse(model, xb, yb), model, scaler=scaler, is_final_batch=last
+            )
+        if where == "flush":
+            before = _both(model, optimizer, scaler, other)
+            with pytest.raises(ConfigError, match="flush was given another GradScaler"):
+                accumfn.flush(state, model, scaler=other)
+            assert same(before, _both(model, optimizer, scaler, other))
+            state, stepped = accumfn.flush(state, model, scaler=scaler)
+        assert stepped
+        if where == "step":
+            before = _both(model, optimizer, scaler, other)
+            with pytest.raises(ConfigError, match="step was given another GradScaler"):
+                accumfn.apply_step(state, optimizer, model, scaler=other)
+            assert same(before, _both(model, optimizer, scaler, other))
+        state = accumfn.apply_step(state, optimizer, model, scaler=scaler)
+    assert state.optimizer_steps == 2
+    assert max_param_diff(model, ref) < 1e-6
+
+
+def test_gradient_accumulator_refuses_a_scaler_assigned_inside_a_window() -> None:
+    """``acc.scaler = other`` between two micro-batches of a window is refused at the next
+    micro-batch (and before the boundary's backward), changing nothing; assigned back, the
+    window finishes as the large batch does. Between windows it may change."""
+    model, ref, optimizer, x, y = _setup(7)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    acc = accumfn.GradientAccumulator(optimizer, STEPS, max_grad_norm=None, scaler=scaler)
+    micro = list(zip(x.split(MICRO), y.split(MICRO), strict=True))
+    for index, (xb, yb) in enumerate(micro):
+        if index in (1, STEPS - 1):  # inside the first window, and before its boundary
+            acc.scaler = _other_scaler(used=True)
+            before, state = _snapshot(model, optimizer, scaler), acc.state
+            with pytest.raises(ConfigError, match="another GradScaler"):
+                acc.accumulate(mse(model, xb, yb), model)
+            assert same(before, _snapshot(model, optimizer, scaler)) and acc.state == state
+            acc.scaler = scaler
+        acc.accumulate(mse(model, xb, yb), model)
+    assert acc.state.optimizer_steps == 2
+    assert max_param_diff(model, ref) < 1e-6
+
+
+def test_after_a_resume_the_restored_grad_scaler_steps_the_window() -> None:
+    """A checkpoint records no GradScaler object: the one the resumed run passes (a new
+    object holding the saved scaler state) continues the window, exactly."""
+    model, ref, optimizer, x, y = _setup(8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    micro = list(zip(x.split(MICRO), y.split(MICRO), strict=True))
+    state = accumfn.init(STEPS, max_grad_norm=None)
+    for xb, yb in micro[:6]:
+        state, stepped = accumfn.accumulate(state, mse(model, xb, yb), model, scaler=scaler)
+        if stepped:
+            state = accumfn.apply_step(state, optimizer, model, scaler=scaler)
+    saved = accumfn.checkpoint.capture(state, optimizer, scaler)
+    resumed_scaler = torch.amp.GradScaler("cpu")
+    state = accumfn.checkpoint.restore(
+        saved, accumfn.init(STEPS, max_grad_norm=None), optimizer, resumed_scaler, model=model
+    )
+    for xb, yb in micro[6:]:
+        state, stepped = accumfn.accumulate(state, mse(model, xb, yb), model, scaler=resumed_scaler)
+    state = accumfn.apply_step(state, optimizer, model, scaler=resumed_scaler)
+    assert state.optimizer_steps == 2
+    assert max_param_diff(model, ref) < 1e-6
+
+
+@pytest.mark.parametrize("call", ["apply_step", "step_window"])
+def test_a_closed_state_steps_once(call: str) -> None:
+    """Stepping the same closed state again would count its window twice (its gradients
+    were applied and zeroed): refused with CallOrderError, nothing changed."""
+    model, ref, optimizer, x, y = _setup(9)
+    step = accumfn.apply_step if call == "apply_step" else accumfn.step_window
+    state = accumfn.init(STEPS, max_grad_norm=None)
+    closed = _accumulate_window(state, model, x[: STEPS * MICRO], y[: STEPS * MICRO], None)
+    after = step(closed, optimizer, model)
+    before = _snapshot(model, optimizer, None)
+    with pytest.raises(accumfn.CallOrderError, match="already stepped"):
+        step(closed, optimizer, model)
+    assert same(before, _snapshot(model, optimizer, None))
+    state = after if isinstance(after, accumfn.AccumState) else after.state
+    assert (state.optimizer_steps, state.effective_step) == (1, 1)
+    closed = _accumulate_window(state, model, x[STEPS * MICRO :], y[STEPS * MICRO :], None)
+    accumfn.apply_step(closed, optimizer, model)
+    assert max_param_diff(model, ref) < 1e-6

@@ -21,7 +21,7 @@ from .. import core
 from ..core import AccumState, ByStep, window_progress
 from ..errors import CheckpointError, ConfigError, StateFormatError
 from ..grads import buffers, is_dtensor, optimizer_params, zero_grads_
-from ..parallel import clear_failures, exchange, strategy
+from ..parallel import clear_failures, exchange, gather_objects, strategy
 from ..step import all_guards, existing_guard, guards_of, restore_tally, settle
 
 __all__ = ["agreeing_groups", "capture", "refuse_together", "restore"]
@@ -421,6 +421,10 @@ def _check_ranks(
     scale = _scale_of(scaler_state)
     view = core.resume_view(resumed, rank=here["rank"], saved_by=saved_by, scale=scale)
     views = [view] if groups is None else exchange(view, groups, _LOADS)
+    if groups is not None and len({v.settings for v in views}) > 1:
+        # built with other settings: name them (a second exchange, on the way to the error)
+        settings = gather_objects(core.settings_of(resumed.config), groups)
+        core.agree_resume(views, here["world_size"], settings)
     core.agree_resume(views, here["world_size"])
 
 

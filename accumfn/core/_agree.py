@@ -2,21 +2,24 @@
 
 Whenever the ranks must act together (a window closes, a checkpoint is loaded) each rank
 contributes one ``RankView``: which window of which run it is in (its identity: epoch,
-steps applied and skipped, failed steps, the GradScaler's scale, the planned window) and
-how the window closes (micro-steps, items, flags). The shell gathers every rank's view and
-the functions here decide from the same list on every rank: so every rank raises, or
-none does, before anything is reduced, stepped or loaded.
+steps applied and skipped, failed steps, the GradScaler's scale, the planned window, a
+digest of the settings that change the update) and how the window closes (micro-steps,
+items, flags). The shell gathers every rank's view and the functions here decide from the
+same list on every rank: so every rank raises, or none does, before anything is reduced,
+stepped or loaded.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import struct
 from collections.abc import Sequence
 
 import attrs
 
 from ..errors import CheckpointError, ConfigError, RankMismatchError
-from ._state import AccumState, Normalization
+from ._state import AccumConfig, AccumState, Normalization
 
 __all__ = [
     "CLOSE",
@@ -27,6 +30,7 @@ __all__ = [
     "SCALE_COLUMN",
     "WIDTH",
     "RankView",
+    "Settings",
     "WindowTotals",
     "agree",
     "agree_at_open",
@@ -37,6 +41,8 @@ __all__ = [
     "identity_problem",
     "open_view",
     "resume_view",
+    "settings_digest",
+    "settings_of",
     "window_header",
     "window_view",
 ]
@@ -58,6 +64,45 @@ def float_bits(value: float) -> int:
 
 def _bits_float(bits: int) -> float:
     return float(struct.unpack("<d", struct.pack("<q", int(bits)))[0])
+
+
+Settings = tuple[tuple[str, str], ...]
+"""(name, value as shown) of each setting the ranks must share (``settings_of``)."""
+
+_STEPS_SHOWN = {
+    "constant": "an int",
+    "epochs": "{epoch: steps}",
+    "callable": "a callable",
+    "caller": "None",
+}
+
+
+def settings_of(config: AccumConfig) -> Settings:
+    """The settings of ``config`` that change a window's update or its collectives, which
+    every rank must share: clipping, the non-finite skip, the accumulation dtype, the sync
+    of every micro-step and the kind of schedule (its sizes may differ in item mode, where
+    each rank may split its batch its own way; in mean mode the planned window is compared
+    on its own). ``batch_size`` only reports, and is left out."""
+    norm = config.max_grad_norm
+    return (
+        ("max_grad_norm", "None" if norm is None else repr(float(norm))),
+        ("skip_nonfinite", repr(config.skip_nonfinite)),
+        ("accum_dtype", "None" if config.accum_dtype is None else f"torch.{config.accum_dtype}"),
+        ("sync_every_micro_step", repr(config.sync_every_micro_step)),
+        ("steps", _STEPS_SHOWN[str(config.schedule.to_dict()["kind"])]),
+    )
+
+
+@functools.cache
+def _digest(settings: Settings) -> int:
+    digest = hashlib.blake2b(repr(settings).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: an int64 >= 0
+
+
+def settings_digest(config: AccumConfig) -> int:
+    """A stable 63-bit digest of ``settings_of(config)`` (the same in every process and
+    every run, unlike ``hash``): equal settings, equal digests."""
+    return _digest(settings_of(config))
 
 
 @attrs.frozen
@@ -94,6 +139,8 @@ class RankView:
     loss: int = 0
     """Close only: the sum of the window's losses on this rank as ``float_bits``, written
     by the shell on the device (0 here)."""
+    settings: int = 0
+    """``settings_digest`` of the rank's config (0: not given, in a view built by hand)."""
 
     def to_row(self) -> list[int]:
         return [int(value) for value in attrs.astuple(self)]
@@ -137,6 +184,7 @@ def _identity(state: AccumState, kind: int, rank: int, failures: int, scale: int
         final=0,
         reduces=0,
         scaled=int(state.window_scaled is True),
+        settings=settings_digest(state.config),
     )
 
 
@@ -268,16 +316,79 @@ def _by_value(views: Sequence[RankView], describe: str, value: str) -> str:
     return ", ".join(parts)
 
 
-def identity_problem(views: Sequence[RankView], failure_notes: Sequence[str] = ()) -> str | None:
+_SETTINGS_HINT = (
+    "build every rank's state or GradientAccumulator with the same max_grad_norm, "
+    "skip_nonfinite, accum_dtype, sync_every_micro_step and kind of steps (from one config "
+    "for all ranks, not a rank-dependent one)"
+)
+
+
+def _setting_values(views: Sequence[RankView], settings: Sequence[Settings], index: int) -> str:
+    """``rank 0 clips at max_grad_norm=1.0, rank 1 at None`` (grouped by value)."""
+    name = settings[0][index][0]
+    groups: dict[str, list[int]] = {}
+    for view, mine in zip(views, settings, strict=True):
+        groups.setdefault(mine[index][1], []).append(view.rank)
+    verb, again = ("clips at", "at") if name == "max_grad_norm" else ("has", "has")
+    parts = []
+    for number, (value, ranks) in enumerate(sorted(groups.items(), key=lambda kv: kv[1])):
+        who = ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks[:8]))
+        if len(ranks) > 8:
+            who += f" (and {len(ranks) - 8} more)"
+        parts.append(f"{who} {verb} {name}={value}" if number == 0 else f"{who} {again} {value}")
+    return ", ".join(parts)
+
+
+def _settings_problem(views: Sequence[RankView], settings: Sequence[Settings]) -> str:
+    """Which settings differ between the ranks, named per rank when ``settings`` (each
+    rank's ``settings_of``, gathered on the way to the error) is given."""
+    if len(settings) == len(views) and settings:
+        named = [
+            _setting_values(views, settings, index)
+            for index in range(len(settings[0]))
+            if len({mine[index] for mine in settings}) > 1
+        ]
+        if named:
+            return (
+                f"{'; '.join(named)}: the ranks would step apart (each rank clips, skips "
+                f"and reduces its window its own way); {_SETTINGS_HINT}."
+            )
+    first = views[0].settings
+    other = [view.rank for view in views if view.settings != first]
+    return (
+        f"rank(s) {other} were built with other settings than rank {views[0].rank} "
+        f"(max_grad_norm, skip_nonfinite, accum_dtype, sync_every_micro_step or the kind of "
+        f"steps): the ranks would step apart; {_SETTINGS_HINT}."
+    )
+
+
+def identity_problem(
+    views: Sequence[RankView],
+    failure_notes: Sequence[str] = (),
+    settings: Sequence[Settings] = (),
+) -> str | None:
     """Why these ranks are not in the same window of the same run, or None if they are.
 
     ``failure_notes``: each rank's last failed step (``""`` if none), to say why it failed.
+    ``settings``: each rank's ``settings_of``, to name the settings that differ (the views
+    carry only their digest).
     """
     first = views[0]
 
     def differ(name: str) -> bool:
         return any(getattr(view, name) != getattr(first, name) for view in views)
 
+    closers = [view.rank for view in views if view.window == 0]
+    if closers and len(closers) < len(views):
+        planners = [view for view in views if view.window != 0]
+        return (
+            f"rank(s) {closers} close their windows themselves (steps=None) and rank(s) "
+            f"{[v.rank for v in planners]} plan windows of {planners[0].window} micro-batches: the "
+            f"ranks would close different windows. Give every rank the same accumulation "
+            f"steps."
+        )
+    if differ("settings"):  # first: ranks built apart also meet at different points
+        return _settings_problem(views, settings)
     if differ("kind"):
         doing = "; ".join(
             f"rank(s) {[v.rank for v in views if v.kind == kind]} {what}"
@@ -328,15 +439,6 @@ def identity_problem(views: Sequence[RankView], failure_notes: Sequence[str] = (
             f"gradients scaled differently (a step that failed or was skipped on some ranks "
             f"only, or scalers loaded from different checkpoints); resume every rank from the "
             f"same step with the same scaler state."
-        )
-    closers = [view.rank for view in views if view.window == 0]
-    if closers and len(closers) < len(views):
-        planners = [view for view in views if view.window != 0]
-        return (
-            f"rank(s) {closers} close their windows themselves (steps=None) and rank(s) "
-            f"{[v.rank for v in planners]} plan windows of {planners[0].window} micro-batches: the "
-            f"ranks would close different windows. Give every rank the same accumulation "
-            f"steps."
         )
     if first.kind == OPEN and differ("window"):
         return (
@@ -412,10 +514,11 @@ def agree(views: Sequence[RankView]) -> tuple[WindowTotals, bool]:
     return totals, totals.reduces == 0
 
 
-def agree_resume(views: Sequence[RankView], world: int) -> None:
+def agree_resume(views: Sequence[RankView], world: int, settings: Sequence[Settings] = ()) -> None:
     """Raise ``CheckpointError`` (the same on every rank) unless the ranks may resume
     together from the states they loaded: the same window of the same run, and every
-    checkpoint taken inside a window taken by the rank loading it, in a job of this size."""
+    checkpoint taken inside a window taken by the rank loading it, in a job of this size.
+    ``settings``: as for ``identity_problem``."""
     refused = [view.rank for view in views if view.refused]
     if refused:
         raise CheckpointError(
@@ -423,7 +526,7 @@ def agree_resume(views: Sequence[RankView], world: int) -> None:
             f"why), so no rank resumes: the ranks must resume from the same step together. "
             f"(Nothing was loaded.)"
         )
-    problem = identity_problem(views)
+    problem = identity_problem(views, settings=settings)
     # (in item mode each rank may split its batch its own way: then their counts differ; so
     # may ranks whose windows the caller closes, window 0, in either mode)
     same_windows = all(v.window == views[0].window for v in views) and views[0].window != 0

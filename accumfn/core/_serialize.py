@@ -41,9 +41,11 @@ _STATE_KEYS: dict[str, tuple[type, ...]] = {
     "dropped_micro_steps": (int,),
     "last_grad_norm": _OPT_FLOAT,
     "window_scaled": (bool, type(None)),
+    "window_device_counts": (int,),
 }
-_STATE_DEFAULTS: dict[str, object] = {"window_scaled": None}
-"""State keys added to format 1 after its first release: None, not recorded."""
+_STATE_DEFAULTS: dict[str, object] = {"window_scaled": None, "window_device_counts": 0}
+"""State keys added to format 1 after its first release, with the value older dicts imply
+(None: not recorded; 0: no count kept on the device)."""
 
 
 def state_to_dict(state: AccumState) -> dict[str, Any]:
@@ -71,6 +73,7 @@ def state_to_dict(state: AccumState) -> dict[str, Any]:
         "dropped_micro_steps": state.dropped_micro_steps,
         "last_grad_norm": state.last_grad_norm,
         "window_scaled": state.window_scaled,
+        "window_device_counts": state.window_device_counts,
     }
 
 
@@ -180,6 +183,7 @@ def state_from_dict(data: object, *, schedule: object = None) -> AccumState:
             if data["last_grad_norm"] is None
             else float(data["last_grad_norm"]),
             window_scaled=data["window_scaled"],
+            window_device_counts=data["window_device_counts"],
         )
     except StateFormatError:
         raise

@@ -159,6 +159,11 @@ class AccumState:
     """Whether the open window's losses were scaled by a (enabled) GradScaler, fixed by its
     first micro-step: the step must get the same scaler. None while the window is empty,
     and for a state saved before this was recorded (then nothing is checked)."""
+    window_device_counts: int = attrs.field(default=0, validator=_non_negative)
+    """Micro-steps of the open window whose ``num_items`` was a tensor counted on the
+    device: their counts are kept by the shell beside the state ``accumulate`` returned,
+    not in ``window_items``, so a copy of this state lacks them (the shell refuses one).
+    0 in a checkpoint, which reads them into ``window_items``."""
 
     def __attrs_post_init__(self) -> None:
         if self.caller_closed:
@@ -185,6 +190,13 @@ class AccumState:
             )
         if self.micro_step == 0 and self.window_scaled is not None:
             raise ConfigError("AccumState.window_scaled must be None while the window is empty.")
+        if self.window_device_counts > self.micro_step or (
+            self.window_device_counts and self.window_norm is not Normalization.ITEMS
+        ):
+            raise ConfigError(
+                f"AccumState.window_device_counts ({self.window_device_counts}) must be at "
+                f"most the window's micro-steps ({self.micro_step}), and 0 outside item mode."
+            )
         if (self.window_norm is None) != (self.micro_step == 0):
             raise ConfigError(
                 "AccumState.window_norm must be set exactly when the window holds micro-steps."

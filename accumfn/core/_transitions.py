@@ -25,6 +25,7 @@ from ._state import (
 
 __all__ = [
     "ON_DEVICE",
+    "check_flush_scaler",
     "check_state",
     "check_step_scaler",
     "close_window",
@@ -45,6 +46,14 @@ _ITEMS = Normalization.ITEMS
 _count_micro_step = state_evolver(
     "micro_step", "window_norm", "window_items", "total_micro_steps", "window_scaled"
 )
+_count_on_device = state_evolver(
+    "micro_step",
+    "window_norm",
+    "window_items",
+    "total_micro_steps",
+    "window_scaled",
+    "window_device_counts",
+)
 _close = state_evolver("closed", "grad_scale")
 _open_next = state_evolver(
     "window",
@@ -57,6 +66,7 @@ _open_next = state_evolver(
     "skipped_steps",
     "last_grad_norm",
     "window_scaled",
+    "window_device_counts",
 )
 
 
@@ -204,9 +214,20 @@ def micro_step(
     items = _items(num_items)
     if state.window_norm is _MEAN:
         _mode_error(state, num_items)
-    new_state = _count_micro_step(
-        state, taken, _ITEMS, state.window_items + items, state.total_micro_steps + 1, scaled
-    )
+    if num_items is ON_DEVICE:  # the shell keeps the count; the state, that there is one
+        new_state = _count_on_device(
+            state,
+            taken,
+            _ITEMS,
+            state.window_items,
+            state.total_micro_steps + 1,
+            scaled,
+            state.window_device_counts + 1,
+        )
+    else:
+        new_state = _count_micro_step(
+            state, taken, _ITEMS, state.window_items + items, state.total_micro_steps + 1, scaled
+        )
     plan = micro_plan(1, boundary, reduce)
     return new_state, plan
 
@@ -264,6 +285,28 @@ def check_step_scaler(state: AccumState, scaled: bool) -> None:
     )
 
 
+def check_flush_scaler(state: AccumState, scaled: bool, *, ranks: int) -> None:
+    """ConfigError unless ``flush`` is given the GradScaler its window's losses were scaled
+    by (``scaled``: it has an enabled one) where the ranks compare it: under data
+    parallelism (``ranks`` > 1) the exchange that closes the window carries the scale,
+    as at ``accumulate``'s boundary. A scaler given for a window scaled by none is refused
+    everywhere, as at the step."""
+    if scaled:
+        if check_state(state).window_scaled is False:
+            raise ConfigError(
+                "flush was given a GradScaler but this window's losses were accumulated "
+                "without one: its step would divide their gradients by the loss scale. Pass "
+                "the GradScaler to accumulate on every micro-batch as well, or to neither."
+            )
+    elif ranks > 1 and check_state(state).window_scaled:
+        raise ConfigError(
+            "this window's losses were scaled by a GradScaler but flush was given none: "
+            "under data parallelism the ranks compare the GradScaler's scale when a window "
+            "closes, so flush needs it as accumulate does. Pass it: "
+            "flush(state, model, scaler=scaler)."
+        )
+
+
 def closes_window(state: AccumState, is_final_batch: object = False) -> bool:
     """Whether the next micro-step, given these arguments, will close the open window.
 
@@ -318,6 +361,7 @@ def finish_step(
         state.skipped_steps + int(not applied),
         grad_norm,
         None,
+        0,
     )
 
 
@@ -343,6 +387,7 @@ def start_epoch(state: AccumState) -> tuple[AccumState, int]:
         window_norm=None,
         window_items=0,
         window_scaled=None,
+        window_device_counts=0,
         dropped_micro_steps=state.dropped_micro_steps + dropped,
     )
     return _reopen(fresh), dropped

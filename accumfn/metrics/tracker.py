@@ -51,6 +51,18 @@ def _check_name(name: object) -> str:
     return name
 
 
+def _planned_steps(steps: object) -> int | None:
+    if steps is None:
+        return None
+    try:
+        return check_count("gradient_accumulation_steps", steps)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc} Pass the accumulator's planned window, or None when the caller closes "
+            f"windows (accumulation_steps=None)."
+        ) from None
+
+
 class MetricsTracker:
     """Log scalars keyed by effective (optimizer) step; each step is written once.
 
@@ -66,8 +78,9 @@ class MetricsTracker:
     Sinks: ``sinks`` if given, else a ``JsonlSink(jsonl_path)`` unless ``use_wandb``;
     ``use_wandb=True`` adds a ``WandbSink(**wandb_init)`` (the active W&B run if there is one
     and ``wandb_init`` is empty). ``gradient_accumulation_steps`` is recorded in the config
-    of a W&B run the tracker starts; rows follow the step you pass, so short final
-    windows and accumulation schedules commit correctly.
+    of a W&B run the tracker starts (None: windows the caller closes, ``steps=None``, with
+    no planned size); rows follow the step you pass, so short final windows, accumulation
+    schedules and windows of any size commit correctly.
 
     Distributed runs: by default only global rank 0 writes, as Lightning's loggers do. The
     other ranks check every value and step the same way (an error is raised on every rank
@@ -81,7 +94,7 @@ class MetricsTracker:
     def __init__(
         self,
         use_wandb: bool = False,
-        gradient_accumulation_steps: int = 1,
+        gradient_accumulation_steps: int | None = 1,
         sinks: Iterable[Sink] | None = None,
         *,
         reduce: Reduce = "mean",
@@ -98,9 +111,9 @@ class MetricsTracker:
         self.rank = global_rank()
         self.writes = per_rank or self.rank == 0
         """Whether this rank writes rows to its sinks."""
-        self.gradient_accumulation_steps = check_count(
-            "gradient_accumulation_steps", gradient_accumulation_steps
-        )
+        self.gradient_accumulation_steps = _planned_steps(gradient_accumulation_steps)
+        """The planned window recorded in a W&B run's config; None when the caller closes
+        windows (``steps=None``)."""
         self.reduce = check_reduce("reduce", reduce)
         self.reduce_by_name = {
             _check_name(name): check_reduce(f"reduce_by_name[{name!r}]", how)

@@ -40,6 +40,7 @@ __all__ = [
     "exchange",
     "exchange_rows",
     "float_as_bits",
+    "gather_objects",
     "note_failure",
     "prepare",
     "set_forward_sync",
@@ -300,7 +301,7 @@ class DataParallel:
             columns[core.ITEMS_COLUMN] = items
         if loss is not None:
             columns[core.LOSS_COLUMN] = float_as_bits(loss)
-        (totals, fallback), rows = self._decide(view, scaler, core.agree, columns)
+        (totals, fallback), rows = self._decide(view, state, scaler, core.agree, columns)
         total = None
         if loss is not None:
             total = rows[:, core.LOSS_COLUMN].contiguous().view(torch.float64).sum()
@@ -311,11 +312,12 @@ class DataParallel:
         (``core.agree_at_open``); raises on every rank alike when they differ."""
         if self.distributed:
             view = core.open_view(state, rank=dist.get_rank(), failures=self.failures)
-            self._decide(view, scaler, core.agree_open)
+            self._decide(view, state, scaler, core.agree_open)
 
     def _decide(
         self,
         view: core.RankView,
+        state: core.AccumState,
         scaler: GradScaler | None,
         decide: Callable[[list[core.RankView]], _T],
         columns: Mapping[int, torch.Tensor] | None = None,
@@ -327,6 +329,13 @@ class DataParallel:
         try:
             return decide(views), rows
         except RankMismatchError as exc:
+            if len({v.settings for v in views}) > 1:
+                # Built with other settings: name them (a second exchange, on the way to
+                # the error).
+                settings = gather_objects(core.settings_of(state.config), self.groups)
+                raise RankMismatchError(
+                    str(core.identity_problem(views, settings=settings))
+                ) from exc
             if len({v.failures for v in views}) == 1:
                 raise
             # A step failed on some ranks: say why (a second exchange, on the way to the error).
@@ -505,14 +514,20 @@ def write_columns(row: torch.Tensor, columns: Mapping[int, torch.Tensor]) -> Non
             row[column : column + 1].copy_(values[index : index + 1])
 
 
-def gather_notes(note: str, groups: Sequence[dist.ProcessGroup | None]) -> list[str]:
-    """Every rank's ``note``, in the order of ``exchange`` (only on the way to an error)."""
-    notes: list[Any] = [note]
+def gather_objects(value: _T, groups: Sequence[dist.ProcessGroup | None]) -> list[_T]:
+    """Every rank's ``value`` (picklable), in the order of ``exchange`` (only on the way to
+    an error)."""
+    values: list[Any] = [value]
     for group in groups:
         out: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(out, notes, group=group)
-        notes = [item for part in out for item in part]
-    return [str(item) for item in notes]
+        dist.all_gather_object(out, values, group=group)
+        values = [item for part in out for item in part]
+    return values
+
+
+def gather_notes(note: str, groups: Sequence[dist.ProcessGroup | None]) -> list[str]:
+    """Every rank's ``note``, in the order of ``exchange`` (only on the way to an error)."""
+    return [str(item) for item in gather_objects(note, groups)]
 
 
 def write_scale(row: torch.Tensor, scaler: GradScaler) -> None:

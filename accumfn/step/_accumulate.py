@@ -125,6 +125,8 @@ def accumulate(
     parallel = distributed.strategy(model)
     guard = parallel.guard or guard_for(model, parallel, state.window)
     guard.check(state)  # a loop's zero_grad or step inside the window: refused before anything
+    if scaler is not None and guard.scaler is not None:
+        guard.check_scaler(state, scaler, "accumulate")  # not the window's GradScaler
     running = tally.extend(tally.open_tally(state), loss, count)
     items = None if not plan.boundary else tally.items_value(running, new_state.window_items)
     plain = parallel.kind == "plain"  # one process, no DDP/FSDP: no sync flag, no header
@@ -168,29 +170,27 @@ def accumulate(
     if plain and wide is None:
         if plan.boundary:
             closed = _close_alone(new_state, running, counted)
-            guard.closed(closed)
+            guard.closed(closed, scaler)
             return closed, True
         tally.attach(new_state, running)
-        guard.note(new_state)
+        guard.note(new_state, scaler)
         return new_state, False
     parallel.backward_done()
     if wide is not None:
         buffers.stash_(buffers.stash_params(parallel.model), wide, keep=guard.keep)
-    if plan.boundary:
-        guard.closed(new_state)
-    else:
-        guard.note(new_state)
-    if plain:
-        if not plan.boundary:
-            tally.attach(new_state, running)
-            return new_state, False
-        # the step hands the buffers back
-        return _close_alone(new_state, running, counted), True
-    if totals is None:
-        parallel.set_forward_sync(core.sync_next_forward(new_state))
+    if not plan.boundary:
+        guard.note(new_state, scaler)
+        if not plain:
+            parallel.set_forward_sync(core.sync_next_forward(new_state))
         tally.attach(new_state, running)
         return new_state, False
-    return _close_together(new_state, parallel, totals, fallback, wide, loss_sum), True
+    if plain:  # (the step hands the buffers back)
+        closed = _close_alone(new_state, running, counted)
+    else:
+        assert totals is not None  # (the boundary's exchange ran)
+        closed = _close_together(new_state, parallel, totals, fallback, wide, loss_sum)
+    guard.closed(closed, scaler)
+    return closed, True
 
 
 def _as_tensor(loss: torch.Tensor | float) -> torch.Tensor:
@@ -230,7 +230,9 @@ def _close_together(
     return closed
 
 
-def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
+def flush(
+    state: AccumState, model: nn.Module, *, scaler: GradScaler | None = None
+) -> tuple[AccumState, bool]:
     """Close the open window after the last micro-batch; return (state, stepped).
 
     For loaders of unknown length (``IterableDataset``, streams), where
@@ -241,24 +243,32 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
     every rank must call it (one small all-reduce); ranks whose windows differ in being
     open raise ``RankMismatchError`` on every rank. FSDP2 keeps an open window's gradients
     to itself until a backward syncs, so there it needs ``sync_every_micro_step=True``.
+    ``scaler``: the GradScaler the window's losses were scaled by (as given to
+    ``accumulate``); under data parallelism the ranks compare its scale here, so a scaled
+    window flushed without it is a ``ConfigError`` there, before anything runs.
     """
     if core.check_state(state).closed:
         raise CallOrderError(
             "the window is already closed: call apply_step(state, optimizer, model, ...) "
             "instead of flush."
         )
+    check_scaler(scaler)
+    scaler = enabled(scaler)
     parallel = distributed.strategy(model)
+    core.check_flush_scaler(state, scaler is not None, ranks=parallel.world)
     reduced = parallel.kind == "plain" or (
         state.config.sync_every_micro_step and parallel.kind in ("ddp", "fsdp2")
     )
     guard = guard_for(model, parallel, state.window)
     guard.check(state)
+    if scaler is not None:
+        guard.check_scaler(state, scaler, "flush")  # not the window's GradScaler
     parallel.refuse_join()
     running = tally.open_tally(state)
     items = None if running is None else tally.items_value(running, state.window_items)
     loss = None if running is None else _as_tensor(running.loss)
     totals, fallback, loss_sum = parallel.agree(
-        state, final=True, reduces=reduced, items=items, loss=loss
+        state, final=True, reduces=reduced, scaler=scaler, items=items, loss=loss
     )
     if totals.open == 0:
         return state, False
@@ -273,5 +283,5 @@ def flush(state: AccumState, model: nn.Module) -> tuple[AccumState, bool]:
         loss_sum = torch.zeros((), dtype=torch.float64)
     wide = _wide(state, parallel)
     closed = _close_together(state, parallel, totals, fallback, wide, loss_sum)
-    guard.closed(closed)
+    guard.closed(closed, scaler)
     return closed, True

@@ -213,9 +213,14 @@ def prepare_step(
         schedulers = as_schedulers(scheduler)
         check_steppable(optimizers)
     assert isinstance(model, nn.Module)
-    guard_for(model, window=state.window).watch(optimizers, state.window)
+    given = enabled(scaler)  # type: ignore[arg-type]  # (checked above when not None)
+    guard = guard_for(model, window=state.window)
+    guard.watch(optimizers, state.window)
+    guard.check_stepped(state)  # a closed state stepped before: refused
+    if given is not None and guard.scaler is not None:
+        guard.check_scaler(state, given, "step")  # not the GradScaler of the window's losses
     check_reduced(model, optimizers)  # every window: a param group may have been added
-    core.check_step_scaler(state, enabled(scaler) is not None)  # type: ignore[arg-type]
+    core.check_step_scaler(state, given is not None)
     params = None  # resolved here only when a check needs it; else where the step does
     if scaler is not None or len(optimizers) > 1 or (warn and not warned):
         params = param_set(optimizers)  # (two optimizers sharing a parameter: ConfigError)
@@ -230,7 +235,7 @@ def prepare_step(
     return _Window(
         optimizers,
         schedulers,
-        enabled(scaler),  # type: ignore[arg-type]
+        given,
         next_window,
         params,
         early,
@@ -496,7 +501,7 @@ def run_step(
     """Carry out a checked window (see ``step_window``)."""
     guard = distributed.strategy(model).guard
     if guard is not None:
-        guard.applied()  # closed before: only accumfn steps its optimizers from here
+        guard.applied(state)  # closed before: only accumfn steps its optimizers from here
     progress: _Progress = window
     if progress.phase != "grads" or progress.scaler_pending:  # run before: start afresh
         _Progress.__init__(progress)

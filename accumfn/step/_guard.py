@@ -21,6 +21,11 @@ torchtune's "optimizer in backward"), and a window never applied at the end. One
 - A window still holding micro-batches when the program ends or the model (or the
   ``GradientAccumulator``) is garbage-collected is reported once
   (``UnappliedWindowWarning``), unless a checkpoint of it was taken.
+- The state accumfn returned for the window (open or closed) and the GradScaler that
+  scaled its losses are recorded: a later micro-step, ``flush`` or step of that state with
+  another GradScaler is a ``ConfigError`` before anything runs (after a resume none is
+  recorded: the core's check of a scaler against none remains). The closed state whose
+  step ran last is recorded too: stepping it again is a ``CallOrderError``.
 
 Cost on a micro-step that continues a window: the guard is an attribute of the model's
 strategy; the sentinel's ``.grad`` and its version are read before the backward and the
@@ -44,6 +49,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.amp import GradScaler
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .. import parallel as distributed
@@ -174,7 +180,10 @@ class WindowGuard:
         "others",
         "param",
         "probed",
+        "returned",
+        "scaler",
         "state",
+        "stepped",
         "version",
         "warned",
     )
@@ -206,6 +215,14 @@ class WindowGuard:
         self.left: AccumState | None = None
         """The state of a window whose micro-batches are not applied (nor saved)."""
         self.warned = False
+        self.returned: AccumState | None = None
+        """The state accumfn's last micro-step (or ``flush``) on this model returned, open
+        or closed, until its step: a state that is it continues that window."""
+        self.scaler: weakref.ref[GradScaler] | None = None
+        """The GradScaler that scaled the losses of the window ``returned`` holds (None:
+        none, or none known)."""
+        self.stepped: weakref.ref[AccumState] | None = None
+        """The closed state whose step ran last: a second step of it is refused."""
         self.optimizers: tuple[weakref.ref[torch.optim.Optimizer], ...] = ()
         ddp = parallel.ddp
         rebuilds = ddp is not None and ddp.gradient_as_bucket_view
@@ -267,6 +284,44 @@ class WindowGuard:
                 now = sentinel.param.grad
                 if now is not sentinel.grad or (now is not None and sentinel.moved()):
                     self._changed(now, sentinel.grad)
+
+    def check_scaler(self, state: AccumState, scaler: GradScaler, where: str) -> None:
+        """``ConfigError`` if ``state`` continues the recorded window and ``scaler`` is not
+        the GradScaler that scaled its losses (``where``: "accumulate", "flush", "step")."""
+        held = self.scaler
+        if held is None or state is not self.returned or held() is scaler:
+            return
+        given = {
+            "accumulate": "this micro-batch was given",
+            "flush": "flush was given",
+            "step": "this window's step was given",
+        }[where]
+        raise ConfigError(
+            f"{given} another GradScaler than the one that scaled the window's earlier "
+            f"losses: their gradients carry that scaler's scale, which this one would not "
+            f"unscale (nor would its update keep the scale the window was summed at). Pass "
+            f"the same GradScaler to every micro-batch of a window and to its step; with "
+            f"GradientAccumulator, assign acc.scaler between windows, not inside one. "
+            f"(Nothing was run.)"
+        )
+
+    def check_stepped(self, state: AccumState) -> None:
+        """``CallOrderError`` if ``state`` is the closed state whose step already ran."""
+        stepped = self.stepped
+        if stepped is not None and stepped() is state:
+            raise CallOrderError(
+                "this closed window was already stepped (apply_step or step_window ran with "
+                "this state): its gradients were applied and zeroed, and stepping it again "
+                "would count the window twice. Continue from the state that step returned "
+                "(apply_step's result, StepReport.state, or StepError.state). (Nothing was "
+                "run.)"
+            )
+
+    def _keep_scaler(self, scaler: GradScaler | None) -> None:
+        if scaler is None:
+            self.scaler = None
+        elif self.scaler is None or self.scaler() is not scaler:
+            self.scaler = weakref.ref(scaler)
 
     def intact(self) -> bool:
         """The recorded gradients are as accumfn's backward left them (asked at a step)."""
@@ -338,8 +393,9 @@ class WindowGuard:
         ]
 
     # -- what happened to the window -----------------------------------------------------------
-    def note(self, state: AccumState) -> None:
-        """After accumfn's backward of a micro-step that left the window open."""
+    def note(self, state: AccumState, scaler: GradScaler | None = None) -> None:
+        """After accumfn's backward of a micro-step that left the window open (``scaler``:
+        the enabled GradScaler that scaled its loss)."""
         if self.state is not None:  # the window went on: the same tensors, new versions
             grad = self.grad
             if grad is not None:
@@ -355,19 +411,26 @@ class WindowGuard:
             self._read()
             if self.ddp is not None and self._rebuilt():
                 self.ddp = None  # rebuilt with no gradient to move: nothing to let through
-        self.state = self.left = state
+        self.state = self.left = self.returned = state
+        if scaler is not None or self.scaler is not None:
+            self._keep_scaler(scaler)
 
-    def closed(self, state: AccumState) -> None:
+    def closed(self, state: AccumState, scaler: GradScaler | None = None) -> None:
         """The window closed; its step comes next (accumfn's, so optimizers may step)."""
         self.state = None
         self.open = False
-        self.left = state
+        self.left = self.returned = state
+        self._keep_scaler(scaler)
 
-    def applied(self) -> None:
-        """The window's step ran (or it was dropped): nothing is left to apply."""
-        self.state = self.left = None
+    def applied(self, stepped: AccumState | None = None) -> None:
+        """The window's step ran (``stepped``: its closed state), or it was dropped:
+        nothing is left to apply."""
+        self.state = self.left = self.returned = None
+        self.scaler = None
         self.open = False
         self.warned = False
+        if stepped is not None:
+            self.stepped = weakref.ref(stepped)
 
     def saved(self) -> None:
         """A checkpoint holds the open window: leaving it unapplied loses nothing."""
@@ -375,8 +438,10 @@ class WindowGuard:
         self.warned = False
 
     def restored(self, state: AccumState) -> None:
-        """A checkpoint put an open window's gradients back (it lives in the file too)."""
-        self.state = self.left = None
+        """A checkpoint put an open window's gradients back (it lives in the file too);
+        which GradScaler scaled it is not known."""
+        self.state = self.left = self.returned = None
+        self.scaler = None
         self.open = state.is_accumulating and not state.closed
         self.warned = False
 
@@ -488,6 +553,8 @@ def continue_guard(model: nn.Module | None, old: AccumState, new: AccumState) ->
             guard.state = new
         if guard.left is old:
             guard.left = new
+        if guard.returned is old:
+            guard.returned = new
 
 
 def guards_of(optimizers: Iterable[torch.optim.Optimizer]) -> list[WindowGuard]:

@@ -11,6 +11,9 @@ loss as the large batch computes it (``window_loss``).
 
 A tally follows the state object it was made for (by identity: a copy of a state has none),
 so functional states stay values: a state given to ``accumulate`` twice gets two tallies.
+The state records how many of its window's counts the tally holds
+(``AccumState.window_device_counts``), so a copy whose window has such counts is refused
+(``open_tally``) rather than divided by too few items.
 """
 
 from __future__ import annotations
@@ -81,20 +84,28 @@ class Tally:
     ``loss``: the sum of the window's detached losses (float64; a float when no micro-step
     of this process added one: the sum restored from a checkpoint, or nan when unknown);
     ``items``: the sum of the counts given as tensors (int64), ``least``: the least of them
-    (None without any).
+    (None without any); ``counted``: how many counts were given as tensors.
     """
 
-    __slots__ = ("items", "least", "loss")
+    __slots__ = ("counted", "items", "least", "loss")
 
     def __init__(
         self,
         loss: torch.Tensor | float = 0.0,
         items: torch.Tensor | None = None,
         least: torch.Tensor | None = None,
+        counted: int = 0,
     ) -> None:
         self.loss = loss
         self.items = items
         self.least = least
+        self.counted = counted
+
+    def __setstate__(self, saved: tuple[None, dict[str, object]]) -> None:
+        """Unpickle, also a tally pickled before ``counted`` was kept."""
+        self.counted = 0
+        for name, value in saved[1].items():
+            setattr(self, name, value)
 
 
 _EMPTY = Tally()
@@ -115,11 +126,13 @@ def extend(before: Tally | None, loss: torch.Tensor, count: torch.Tensor | None)
         if earlier != 0.0:
             total = total + earlier
     if count is None:
-        return Tally(total, before.items, before.least)
+        return Tally(total, before.items, before.least, before.counted)
     if before.items is None or before.least is None:
         first = count.to(torch.int64, copy=True)
-        return Tally(total, first, first)
-    return Tally(total, before.items + count, torch.minimum(before.least, count))
+        return Tally(total, first, first, before.counted + 1)
+    return Tally(
+        total, before.items + count, torch.minimum(before.least, count), before.counted + 1
+    )
 
 
 def items_value(tally: Tally, host_items: int) -> torch.Tensor | None:
@@ -182,11 +195,30 @@ def _beside(state: AccumState) -> Tally | torch.Tensor | None:
 
 def open_tally(state: AccumState) -> Tally | None:
     """The tally of ``state``'s open window: None while it is empty; a tally with an
-    unknown loss when the state's micro-steps were not tallied (a copy of a state)."""
+    unknown loss when the state's micro-steps were not tallied (a copy of a state).
+
+    ``ConfigError`` for a copy whose window counted items on the device: its count would
+    miss them (nothing has run when this is asked)."""
     if state.micro_step == 0 or state.closed:
         return None
     found = _beside(state)
-    return found if isinstance(found, Tally) else _UNKNOWN
+    tally = found if isinstance(found, Tally) else _UNKNOWN
+    if tally.counted != state.window_device_counts:
+        _refuse_copy(state)
+    return tally
+
+
+def _refuse_copy(state: AccumState) -> None:
+    raise ConfigError(
+        f"this state's open window counted num_items on the device (a tensor) on "
+        f"{state.window_device_counts} of its {state.micro_step} micro-batch(es); those "
+        f"counts are kept beside the state object accumulate returned, not in the state, "
+        f"and this state is a copy of it (copy.deepcopy, AccumState.from_dict(state.to_dict()), "
+        f"attrs.evolve), which lacks them: its window would be divided by too few items. "
+        f"Continue from the state accumulate returned; to save a window in progress use "
+        f"accumfn.checkpoint.capture (or GradientAccumulator.state_dict), which reads the "
+        f"counts into the checkpoint. (Nothing was run.)"
+    )
 
 
 def closed_loss(state: AccumState) -> torch.Tensor | None:
@@ -229,6 +261,7 @@ def settle(state: AccumState) -> tuple[AccumState, float | None]:
         summed = torch.as_tensor(loss, dtype=torch.float64).to(value.device)
         pair = torch.stack([value.to(torch.float64), summed])
         items, loss_sum = pair.tolist()  # one read for both
-        state = attrs.evolve(state, window_items=check_counted_items(int(items)))
+        counted = check_counted_items(int(items))
+        state = attrs.evolve(state, window_items=counted, window_device_counts=0)
         return state, float(loss_sum)
     return state, float(loss)
