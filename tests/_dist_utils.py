@@ -121,29 +121,26 @@ def items(batch: Batch) -> int:
     return int((batch[1] != -100).sum())
 
 
+def token_batch(g: torch.Generator, micro_batch: int, ragged: bool) -> Batch:
+    """One micro-batch of token sequences; with ``ragged`` every sequence masks a random
+    tail of its labels (at least one label stays)."""
+    x = torch.randn(micro_batch, SEQ, FEATURES, generator=g)
+    y = torch.randint(0, CLASSES, (micro_batch, SEQ), generator=g)
+    if ragged:
+        keep = torch.randint(1, SEQ + 1, (micro_batch, 1), generator=g)
+        y = y.masked_fill(torch.arange(SEQ) >= keep, -100)
+    return x, y
+
+
 def make_windows(
     seed: int, window_lengths: Sequence[int], micro_batch: int, ragged: bool, world: int = WORLD
 ) -> list[list[list[Batch]]]:
-    """``data[w][m][r]``: micro-batch ``m`` of window ``w`` on rank ``r``.
-
-    With ``ragged`` every sequence masks a random tail (at least one label stays).
-    """
+    """``data[w][m][r]``: micro-batch ``m`` of window ``w`` on rank ``r`` (``token_batch``)."""
     g = torch.Generator().manual_seed(seed)
-    data: list[list[list[Batch]]] = []
-    for length in window_lengths:
-        window = []
-        for _ in range(length):
-            ranks = []
-            for _ in range(world):
-                x = torch.randn(micro_batch, SEQ, FEATURES, generator=g)
-                y = torch.randint(0, CLASSES, (micro_batch, SEQ), generator=g)
-                if ragged:
-                    keep = torch.randint(1, SEQ + 1, (micro_batch, 1), generator=g)
-                    y = y.masked_fill(torch.arange(SEQ) >= keep, -100)
-                ranks.append((x, y))
-            window.append(ranks)
-        data.append(window)
-    return data
+    return [
+        [[token_batch(g, micro_batch, ragged) for _ in range(world)] for _ in range(length)]
+        for length in window_lengths
+    ]
 
 
 def reference_run(

@@ -21,7 +21,7 @@ from torch import nn
 import accumfn
 from accumfn import core
 
-from ._dist_utils import CLASSES, FEATURES, SEQ, Batch, items, token_loss, token_model
+from ._dist_utils import Batch, items, token_batch, token_loss, token_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = (1, 7, 64, 3, 2, 33)
@@ -36,21 +36,10 @@ def rollouts(
     """``data[w][r]``: the micro-batches of window ``w`` on rank ``r`` (``lengths[w][r]`` of
     them). With ``ragged`` every sequence masks a random tail (at least one label stays)."""
     g = torch.Generator().manual_seed(seed)
-    data = []
-    for per_rank in lengths:
-        window = []
-        for count in per_rank:
-            batches = []
-            for _ in range(count):
-                x = torch.randn(micro, SEQ, FEATURES, generator=g)
-                y = torch.randint(0, CLASSES, (micro, SEQ), generator=g)
-                if ragged:
-                    keep = torch.randint(1, SEQ + 1, (micro, 1), generator=g)
-                    y = y.masked_fill(torch.arange(SEQ) >= keep, -100)
-                batches.append((x, y))
-            window.append(batches)
-        data.append(window)
-    return data
+    return [
+        [[token_batch(g, micro, ragged) for _ in range(count)] for count in per_rank]
+        for per_rank in lengths
+    ]
 
 
 def sgd(model: nn.Module) -> torch.optim.Optimizer:

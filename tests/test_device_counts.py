@@ -204,6 +204,23 @@ def test_a_negative_count_is_caught_at_the_boundary_before_its_backward(where: s
     assert optimizer.state == {}
 
 
+def _functional_step(
+    state: accumfn.AccumState,
+    step: tuple[torch.Tensor, torch.nn.Module, torch.optim.Optimizer],
+    final: bool,
+    count: Any,
+    losses: list[float],
+) -> accumfn.AccumState:
+    """One functional micro-step; a closed window is stepped and its loss appended."""
+    loss, model, optimizer = step
+    state, stepped = accumfn.accumulate(state, loss, model, is_final_batch=final, num_items=count)
+    if stepped:
+        report = accumfn.step_window(state, optimizer, model)
+        losses.append(float(report.window_loss))
+        return report.state
+    return state
+
+
 def _checkpointed_run(api: str, data: Any, stop: int, via: str) -> dict[str, Any]:
     """Tensor counts; a checkpoint after micro-batch ``stop`` (inside a window), loaded into
     a fresh model, optimizer and accumulator, which run to the end."""
@@ -223,13 +240,7 @@ def _checkpointed_run(api: str, data: Any, stop: int, via: str) -> dict[str, Any
             if accumulator.accumulate(loss, model, is_final_batch=final, num_items=count):
                 losses.append(accumulator.stats.last_window_loss)
         else:
-            state, stepped = accumfn.accumulate(
-                state, loss, model, is_final_batch=final, num_items=count
-            )
-            if stepped:
-                report = accumfn.step_window(state, optimizer, model)
-                state = report.state
-                losses.append(float(report.window_loss))
+            state = _functional_step(state, (loss, model, optimizer), final, count, losses)
         if index != stop:
             continue
         with HostSyncCounter() as counter:
@@ -554,13 +565,7 @@ def test_caller_closed_windows_with_tensor_counts(api: str, item_mode: bool) -> 
                     if accumulator.accumulate(loss, model, is_final_batch=closes, num_items=count):
                         got.append(accumulator.stats.last_window_loss)
                 else:
-                    state, stepped = accumfn.accumulate(
-                        state, loss, model, is_final_batch=closes, num_items=count
-                    )
-                    if stepped:
-                        report = accumfn.step_window(state, optimizer, model)
-                        state = report.state
-                        got.append(float(report.window_loss))
+                    state = _functional_step(state, (loss, model, optimizer), closes, count, got)
             if not closes:
                 reads.append(counter.calls)
     if api == "object":
