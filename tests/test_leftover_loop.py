@@ -147,6 +147,17 @@ def test_other_writes_to_an_open_windows_gradients_are_refused(
     assert same(before, _snapshot(model, optimizer, accumulator))
 
 
+def test_caller_closed_windows_are_counted_without_a_planned_size() -> None:
+    model = mlp(6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    accumulator = accumfn.GradientAccumulator(optimizer, None, max_grad_norm=None)
+    micro = _micro(6)
+    accumulator.accumulate(mse(model, *micro[0]), model)
+    accumulator.accumulate(mse(model, *micro[1]), model)
+    with pytest.raises(CallOrderError, match=r"\(2 micro-batches accumulated\)"):
+        optimizer.step()
+
+
 @pytest.mark.parametrize("accum_dtype", WIDE, ids=["plain", "accum_dtype"])
 @pytest.mark.parametrize("api", ["object", "functional"])
 def test_the_loop_without_the_leftovers_equals_the_large_batch(

@@ -450,6 +450,8 @@ class WindowGuard:
         state = self.left
         if state is None:
             return "an open window"
+        if state.caller_closed:
+            return f"an open window ({state.micro_step} micro-batches accumulated)"
         return f"an open window ({state.micro_step} of {state.window} micro-batches accumulated)"
 
     def step_message(self, optimizer: object) -> str:
