@@ -21,6 +21,7 @@ from .integrations import check_conflict, trainer_accumulation
 from .step import (
     Optimizers,
     Schedulers,
+    WindowLoss,
     accumulate,
     as_optimizers,
     as_schedulers,
@@ -161,7 +162,7 @@ class GradientAccumulator:
         self._lightning = trainer is not None and accumulation_steps == 1
         self._lightning_calls = 0
         self._norm: torch.Tensor | None = None
-        self._window_loss: torch.Tensor | None = None
+        self._window_loss: WindowLoss | None = None
         self._track_grad_norm = track_grad_norm
         self._model: nn.Module | None = None
         self._watched: nn.Module | None = None
@@ -195,7 +196,9 @@ class GradientAccumulator:
                 setattr(self, name, value)
         self.__dict__.setdefault("_warned", None)
         self.__dict__.setdefault("_watched", None)
-        self.__dict__.setdefault("_window_loss", None)
+        loss = self.__dict__.setdefault("_window_loss", None)
+        if isinstance(loss, torch.Tensor):  # pickled before the loss was divided when read
+            self._window_loss = WindowLoss(loss, 1)
         if beside is not None:
             attach_beside(self._state, beside)
 
@@ -358,7 +361,7 @@ class GradientAccumulator:
         """The last window's loss (see ``AccumulationStats.last_window_loss``) as a 0-dim
         float64 tensor on the device, not read; None before the first window. Log it with
         ``MetricsTracker.log_window_loss(accumulator)``."""
-        return self._window_loss
+        return None if self._window_loss is None else self._window_loss.value()
 
     @property
     def is_lightning_managed(self) -> bool:
@@ -404,7 +407,7 @@ class GradientAccumulator:
             is_accumulating=state.is_accumulating,
             last_grad_norm=math.nan if norm is None else norm,
             skipped_steps=state.skipped_steps,
-            last_window_loss=math.nan if self._window_loss is None else float(self._window_loss),
+            last_window_loss=math.nan if self._window_loss is None else float(self.window_loss),
         )
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -38,6 +38,9 @@ PAIRS = [
     ("base_control", "base"),
     ("accumfn", "base"),
     ("accumulator", "base_accumulator"),
+    ("accumulator_steps1", "base_steps1"),
+    ("accumulator_steps1", "plain"),
+    ("base_steps1", "plain"),
 ]
 
 
@@ -57,9 +60,13 @@ def _functional(lib: Any) -> Any:
     return make
 
 
-def _accumulator(lib: Any) -> Any:
+def _accumulator(lib: Any, window: int = WINDOW) -> Any:
+    """``GradientAccumulator`` of ``lib``; ``window=1``: every micro-step a window, unclipped
+    (against the plain ``backward(); step(); zero_grad()`` loop)."""
+
     def make(work: Workload, model: nn.Module, optimizer: torch.optim.Optimizer) -> MicroStep:
-        accumulator = lib.GradientAccumulator(optimizer, WINDOW, max_grad_norm=work.max_grad_norm)
+        clip = work.max_grad_norm if window > 1 else None
+        accumulator = lib.GradientAccumulator(optimizer, window, max_grad_norm=clip)
 
         def step(index: int, batch: Batch, last: bool) -> None:
             accumulator.accumulate(work.loss(model, batch), model, is_final_batch=last)
@@ -88,7 +95,7 @@ def _import_base(rev: str, into: Path) -> Any:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.against", description=__doc__)
     parser.add_argument("rev", help="the git revision to compare with (e.g. main)")
-    parser.add_argument("--only", nargs="+", default=["linear", "mlp", "tensors100"])
+    parser.add_argument("--only", nargs="+", default=["linear", "mlp", "tensors100", "mlp_noclip"])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--target", type=float, default=0.3, help="CPU seconds per repeat")
     parser.add_argument("--out", type=Path, help="JSON file to write")
@@ -102,9 +109,11 @@ def main(argv: list[str] | None = None) -> None:
             base=_functional(base),
             base_control=_functional(base),
             base_accumulator=_accumulator(base),
+            accumulator_steps1=_accumulator(accumfn, 1),
+            base_steps1=_accumulator(base, 1),
         )
         names = ["hand", "hand_control", "accumfn", "base", "base_control"]
-        names += ["accumulator", "base_accumulator"]
+        names += ["accumulator", "base_accumulator", "plain", "accumulator_steps1", "base_steps1"]
         results: dict[str, Any] = {}
         for name in args.only:
             timed = time_windows(workload(name), names, repeats=args.repeats, target_s=args.target)

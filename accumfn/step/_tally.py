@@ -30,6 +30,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "Tally",
+    "WindowLoss",
     "attach",
     "attach_beside",
     "carry",
@@ -73,9 +74,9 @@ def check_count(num_items: torch.Tensor) -> torch.Tensor:
     return num_items
 
 
-def _loss_dtype(device: torch.device) -> torch.dtype:
+def _loss_dtype(loss: torch.Tensor) -> torch.dtype:
     """float64 for the running loss sum, where the device has it (MPS has not)."""
-    return torch.float32 if device.type == "mps" else torch.float64
+    return torch.float32 if loss.is_mps else torch.float64
 
 
 class Tally:
@@ -122,7 +123,7 @@ def extend(before: Tally | None, loss: torch.Tensor, count: torch.Tensor | None)
     if isinstance(earlier, torch.Tensor):
         total: torch.Tensor = earlier + detached
     else:
-        total = detached.to(_loss_dtype(detached.device), copy=True)
+        total = detached.to(_loss_dtype(detached), copy=True)
         if earlier != 0.0:
             total = total + earlier
     if count is None:
@@ -150,21 +151,42 @@ def read_items(value: torch.Tensor) -> int:
     return check_counted_items(int(value.item()))
 
 
+class WindowLoss:
+    """A closed window's loss as the large batch computes it, divided when first read:
+    the summed losses of all ranks (the window's own float64 tensor, on the device) over
+    the window's micro-batches of all ranks (mean mode) or its items of all ranks (item
+    mode; nan for a window without items, as the large batch's empty mean). A window
+    whose loss nobody reads costs no division."""
+
+    __slots__ = ("divisor", "total")
+
+    def __init__(self, total: torch.Tensor, divisor: int) -> None:
+        self.total = total
+        self.divisor = divisor
+
+    def value(self) -> torch.Tensor:
+        """The loss, a 0-dim float64 tensor on the device (nothing read)."""
+        if self.divisor != 1:  # divided once: later reads get the same tensor
+            total = self.total
+            self.total = total / self.divisor if self.divisor else total * math.nan
+            self.divisor = 1
+        return self.total
+
+
 def loss_of_window(
     loss_sum: torch.Tensor | float, state: AccumState, micro_steps: int, items: int
-) -> torch.Tensor:
-    """The window's loss as the large batch computes it, on the device: the summed losses
-    of all ranks over the window's micro-batches of all ranks (mean mode) or its items of
-    all ranks (item mode; nan for a window without items, as the large batch's empty mean)."""
+) -> WindowLoss:
+    """The window's loss (``WindowLoss``) from its summed losses of all ranks, its
+    micro-batches of all ranks and its items of all ranks."""
     divisor = items if state.window_norm is Normalization.ITEMS else micro_steps
     if not isinstance(loss_sum, torch.Tensor):
         loss_sum = torch.tensor(loss_sum, dtype=torch.float64)
-    return loss_sum / divisor if divisor else loss_sum * math.nan
+    return WindowLoss(loss_sum, divisor)
 
 
 # -- the tallies beside the states ---------------------------------------------------------
 
-_BESIDE: dict[int, tuple[weakref.ref[AccumState], Tally | torch.Tensor]] = {}
+_BESIDE: dict[int, tuple[weakref.ref[AccumState], Tally | WindowLoss]] = {}
 """By ``id(state)``: the open window's tally, or a closed window's loss; an entry goes
 with its state."""
 
@@ -176,7 +198,7 @@ def _forget(key: int) -> Callable[[object], None]:
     return forget
 
 
-def attach(state: AccumState, value: Tally | torch.Tensor) -> None:
+def attach(state: AccumState, value: Tally | WindowLoss) -> None:
     """Keep ``value`` beside ``state`` (its open window's tally, or its closed window's loss)."""
     key = id(state)
     _BESIDE[key] = (weakref.ref(state, _forget(key)), value)
@@ -186,7 +208,7 @@ attach_beside = attach
 """``attach`` by the name the layers above use."""
 
 
-def _beside(state: AccumState) -> Tally | torch.Tensor | None:
+def _beside(state: AccumState) -> Tally | WindowLoss | None:
     entry = _BESIDE.get(id(state))
     if entry is None or entry[0]() is not state:
         return None
@@ -221,13 +243,13 @@ def _refuse_copy(state: AccumState) -> None:
     )
 
 
-def closed_loss(state: AccumState) -> torch.Tensor | None:
-    """The loss of ``state``'s closed window (on the device), if it was tallied."""
+def closed_loss(state: AccumState) -> WindowLoss | None:
+    """The loss of ``state``'s closed window, if it was tallied."""
     found = _beside(state)
-    return found if isinstance(found, torch.Tensor) and state.closed else None
+    return found if isinstance(found, WindowLoss) and state.closed else None
 
 
-def tally_beside(state: AccumState) -> Tally | torch.Tensor | None:
+def tally_beside(state: AccumState) -> Tally | WindowLoss | None:
     """What is kept beside ``state`` (for pickling an object that holds it), or None."""
     return _beside(state)
 
