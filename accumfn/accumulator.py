@@ -13,10 +13,9 @@ from torch import nn
 from torch.amp import GradScaler
 
 from . import checkpoint, core
-from .config import AccumulationConfig
+from .config import AccumulationConfig, init_kwargs_of
 from .core import AccumState
 from .errors import CallOrderError, ConfigError, StepError
-from .grads import check_scaler
 from .integrations import check_conflict, trainer_accumulation
 from .step import (
     Optimizers,
@@ -24,15 +23,10 @@ from .step import (
     WindowLoss,
     accumulate,
     as_optimizers,
-    as_schedulers,
-    attach_beside,
     carry,
-    check_foreign_optimizer,
-    check_fp16_with_scaler,
-    check_hooks,
     check_loss,
     check_model,
-    check_steppable,
+    check_settings,
     claim_scaler,
     closed_loss,
     continue_guard,
@@ -43,7 +37,6 @@ from .step import (
     report_dropped,
     reset_epoch,
     run_step,
-    tally_beside,
     warn_untracked,
     window_params,
 )
@@ -51,15 +44,6 @@ from .step import (
 __all__ = ["AccumulationStats", "GradientAccumulator"]
 
 _MODEL_HINT = " (the model whose loss this is, wrapped as you train it: DDP, FSDP2, torch.compile)"
-
-_OLD_NAMES = {
-    **{f"_{name}": name for name in ("optimizer", "scaler", "scheduler", "before_step")},
-    "_clip_value": "clip_value",
-    "_settled": "",
-    "_checked_model": "",
-    "_warned_model": "",
-}
-"""Attributes of pickles from earlier versions: the name each is kept under now ("": none)."""
 
 
 @attrs.frozen
@@ -92,27 +76,20 @@ class AccumulationStats:
 class GradientAccumulator:
     """Accumulate gradients over micro-batches, step like one large batch.
 
-    ``optimizer`` may be one optimizer or a list stepped together in each window (one
-    GradScaler for all), ``scheduler`` one, a list, or zero-argument callables.
-    ``accumulation_steps`` may be an int, ``{epoch: steps}``, a callable of the effective
-    step, or None: the caller closes each window, with ``is_final_batch=True`` on its last
-    micro-batch (or ``flush``), after any number of micro-batches. With a Lightning
-    ``trainer`` and ``accumulation_steps=1`` Lightning does the accumulating and this
-    object only reports; both accumulating raises ValueError.
+    ``optimizer``: one optimizer or a list stepped together (one GradScaler for all);
+    ``scheduler``: one, a list, or zero-argument callables. ``accumulation_steps``: an int,
+    ``{epoch: steps}``, a callable of the effective step, or None (the caller closes each
+    window with ``is_final_batch=True`` or ``flush``). With a Lightning ``trainer`` and
+    ``accumulation_steps=1`` Lightning accumulates and this object only reports; both
+    accumulating raises ValueError.
 
-    What a step needs is checked here (an optimizer needing a closure, a scheduler needing
-    arguments, a GradScaler over fp16 parameters or shared with another accumulator) and
-    again at every window boundary before its backward, by the checks ``step_window``
-    runs, so such errors change nothing: the settings (``optimizer``, ``scaler``,
-    ``scheduler``, ``before_step``, ``clip_value``) may be assigned between micro-steps. If
-    the optimizer or scheduler still raises in a step, ``accumulate`` raises ``StepError``
-    and the accumulator continues from the next window (the failed one counted as skipped,
-    or as applied if every optimizer had stepped).
-
-    ``stats.last_grad_norm`` is the pre-clip norm of the last window when a norm is
-    computed: with clipping (``max_grad_norm``, on by default), ``skip_nonfinite``, or
-    ``track_grad_norm=True``; without them no norm is computed and it reads nan. It stays
-    on the device until read (one host-device sync, at the read).
+    Wiring over the step functions: ``accumulate``, and at a window's end the checks of
+    ``step_window`` (before the boundary's backward, so an error there changes nothing) and
+    its step. The settings (``optimizer``, ``scaler``, ``scheduler``, ``before_step``,
+    ``clip_value``) may be assigned between micro-steps. A step that still raises is a
+    ``StepError``; the accumulator continues from the next window. ``stats.last_grad_norm``
+    is the pre-clip norm when one is computed (clipping, on by default, ``skip_nonfinite``
+    or ``track_grad_norm=True``), read from the device when asked for.
     """
 
     def __init__(
@@ -132,14 +109,8 @@ class GradientAccumulator:
         accum_dtype: torch.dtype | None = None,
         track_grad_norm: bool = False,
     ) -> None:
-        optimizers = as_optimizers(optimizer)
-        clip_value = check_hooks(before_step, clip_value)
-        check_steppable(optimizers)
-        for item in optimizers:  # Accelerate's, DeepSpeed's, Fabric's: refused up front
-            check_foreign_optimizer(item, accumulation_steps)
-        as_schedulers(scheduler)
-        check_scaler(scaler)
-        check_fp16_with_scaler(window_params(optimizers), scaler, grads=False)
+        args = (optimizer, accumulation_steps, scaler, scheduler, before_step, clip_value)
+        clip_value = check_settings(*args)
         if not isinstance(track_grad_norm, bool):
             raise ConfigError(f"track_grad_norm must be True or False, got {track_grad_norm!r}.")
         check_conflict(accumulation_steps, trainer)
@@ -148,10 +119,10 @@ class GradientAccumulator:
             max_grad_norm=max_grad_norm,
             batch_size=batch_size,
             skip_nonfinite=skip_nonfinite,
-            sync_every_micro_step=sync_every_micro_step,
             accum_dtype=accum_dtype,
+            sync_every_micro_step=sync_every_micro_step,
         )
-        claim_scaler(scaler, optimizers)
+        claim_scaler(scaler, as_optimizers(optimizer))
         self.optimizer = optimizer
         self.scaler = scaler
         self.scheduler = scheduler
@@ -165,42 +136,19 @@ class GradientAccumulator:
         self._window_loss: WindowLoss | None = None
         self._track_grad_norm = track_grad_norm
         self._model: nn.Module | None = None
-        self._watched: nn.Module | None = None
-        """The model whose window guard watches this accumulator's optimizers."""
-        self._warned: tuple[nn.Module, Optimizers] | None = None
-        """The model and optimizer(s) last looked at for trainable parameters left out."""
+        self._watched: nn.Module | None = None  # whose window guard watches the optimizers
+        self._warned: tuple[nn.Module, Optimizers] | None = None  # looked at for untracked
 
     def __del__(self) -> None:
         """Warn once if the open window was never applied (``UnappliedWindowWarning``)."""
-        try:
-            if not self.__dict__.get("_lightning", False):
-                report_dropped(self.__dict__.get("_model"))
-        except Exception:  # at interpreter shutdown, the modules may be gone
-            pass
+        if not self.__dict__.get("_lightning", False):
+            report_dropped(self.__dict__.get("_model"))
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle with what the open window keeps on the device beside the state."""
-        saved = dict(self.__dict__)
-        beside = tally_beside(self._state)
-        if beside is not None:
-            saved["_beside"] = beside
-        return saved
+        return checkpoint.pickled(self.__dict__, self._state)
 
     def __setstate__(self, saved: dict[str, Any]) -> None:
-        """Unpickle, also one pickled by an earlier version (settings kept as ``_name``)."""
-        beside = saved.get("_beside")
-        for name, value in saved.items():
-            if name in _OLD_NAMES:
-                name = _OLD_NAMES[name]
-            if name and name != "_beside":
-                setattr(self, name, value)
-        self.__dict__.setdefault("_warned", None)
-        self.__dict__.setdefault("_watched", None)
-        loss = self.__dict__.setdefault("_window_loss", None)
-        if isinstance(loss, torch.Tensor):  # pickled before the loss was divided when read
-            self._window_loss = WindowLoss(loss, 1)
-        if beside is not None:
-            attach_beside(self._state, beside)
+        self.__dict__.update(checkpoint.unpickled(saved))
 
     # -- the step ---------------------------------------------------------------------------
     def _prepare_step(self, state: AccumState, model: nn.Module, *, early: bool = False) -> Any:
@@ -218,10 +166,8 @@ class GradientAccumulator:
         )
 
     def prepare(self, model: nn.Module, *, process_group: dist.ProcessGroup | None = None) -> None:
-        """Under DDP, call once before the first forward so the first window syncs once.
-
-        ``process_group``: see ``accumfn.prepare_forward``.
-        """
+        """Under DDP, call once before the first forward so the first window syncs once
+        (``process_group``: see ``accumfn.prepare_forward``)."""
         self._model = model
         prepare_forward(self._state, model, process_group=process_group)
 
@@ -234,12 +180,9 @@ class GradientAccumulator:
     ) -> bool:
         """Backward ``loss``; at a window's end step the optimizer. Returns True if it did.
 
-        ``num_items``: item mode, as ``accumfn.accumulate``: an int, or a 0-dim integer
-        tensor on any device, read only at the window's boundary.
-        ``is_final_batch=True``: the last micro-batch of the data, which closes the window
-        it is in early; with ``accumulation_steps=None``, the last micro-batch of this
-        window, which it closes (the next call opens the next window). Under Lightning
-        management this only checks the loss and returns True.
+        ``num_items`` and ``is_final_batch`` as in ``accumfn.accumulate`` (with
+        ``accumulation_steps=None``, ``is_final_batch=True`` closes this window). Under
+        Lightning management this only checks the loss and returns True.
         """
         if self._lightning:
             check_loss(loss)
@@ -248,9 +191,7 @@ class GradientAccumulator:
         if model is not self._watched:
             if model is not self._model:
                 check_model(model, hint=_MODEL_HINT)
-            # The model's window guard watches the optimizers from the first micro-step on
-            # (a loop's leftover zero_grad or step); a wrapper built at the first forward
-            # (composable replicate) exists by now, so judging the model here is right.
+            # The model's guard watches the optimizers from the first micro-step on.
             size = self._state.window
             guard_for(model, window=size).watch(as_optimizers(self.optimizer), size)
             self._model = self._watched = model
@@ -283,12 +224,8 @@ class GradientAccumulator:
 
     def _step(self, state: AccumState, window: Any, model: nn.Module, last: bool = False) -> None:
         """Run a closed window's checked step; keep the state to continue from either way.
-
-        ``last``: the window ended the data (``is_final_batch`` or ``flush`` with planned
-        windows, so a rank may end it either way), so no later window's header
-        would tell the ranks that its step failed on some of them: they compare now, with
-        one more exchange (a ``flush`` of the empty next window), and all raise if so.
-        """
+        ``last``: the window ended the data, so a ``flush`` of the empty next window tells
+        the ranks whether its step failed on some of them (no later window's exchange will)."""
         self._window_loss = closed_loss(state)
         try:
             report = run_step(state, window, model, grad_norm=self._track_grad_norm)
@@ -306,10 +243,8 @@ class GradientAccumulator:
     def flush(self, model: nn.Module | None = None) -> bool:
         """Close and step the open window after the last micro-batch; True if it stepped.
 
-        For loaders of unknown length: call it after the loop (see ``accumfn.flush``). With
-        no window open it does nothing and returns False. Under data parallelism call it on
-        every rank, with the model (or after ``prepare(model)``) so that a rank that has seen
-        no micro-batch still joins the others. Under Lightning management it does nothing.
+        See ``accumfn.flush``. Under data parallelism call it on every rank, with the model
+        (or after ``prepare(model)``), so that a rank that saw no micro-batch joins the others.
         """
         if self._lightning:
             return False
@@ -320,13 +255,11 @@ class GradientAccumulator:
             if self._state.is_accumulating:  # e.g. resumed from a file, no micro-step since
                 raise CallOrderError(
                     f"flush() has a window of {self._state.micro_step} micro-batch(es) to step "
-                    f"but does not know the model (no accumulate or prepare since this "
-                    f"accumulator was built or loaded): call flush(model), or "
-                    f"prepare(model) after load_state_dict."
+                    f"but no model (no accumulate or prepare since this accumulator was built "
+                    f"or loaded): call flush(model), or prepare(model) after load_state_dict."
                 )
             return False
         model = self._model
-        # The step's checks come first, so an error there changes nothing.
         window = self._prepare_step(self._state, model) if self._state.is_accumulating else None
         state, stepped = flush(self._state, model, scaler=self.scaler)
         if not stepped or window is None:  # (ranks whose windows differ raised in flush)
@@ -337,12 +270,8 @@ class GradientAccumulator:
         return True
 
     def reset_epoch(self) -> None:
-        """Start the next epoch (epoch schedules advance).
-
-        A window still open is discarded, not carried over: its gradients are zeroed, the
-        micro-batches are counted in ``state.dropped_micro_steps`` and a warning is issued.
-        Pass ``is_final_batch=True`` on the last micro-batch to apply them instead.
-        """
+        """Start the next epoch; an open window is discarded with a warning (see
+        ``accumfn.reset_epoch``): pass ``is_final_batch=True`` to apply it instead."""
         self._state = reset_epoch(self._state, self.optimizer, self._model)
 
     # -- what it reports ----------------------------------------------------------------------
@@ -358,9 +287,8 @@ class GradientAccumulator:
 
     @property
     def window_loss(self) -> torch.Tensor | None:
-        """The last window's loss (see ``AccumulationStats.last_window_loss``) as a 0-dim
-        float64 tensor on the device, not read; None before the first window. Log it with
-        ``MetricsTracker.log_window_loss(accumulator)``."""
+        """The last window's loss (``AccumulationStats.last_window_loss``), a 0-dim float64
+        tensor on the device; None before the first window."""
         return None if self._window_loss is None else self._window_loss.value()
 
     @property
@@ -369,16 +297,13 @@ class GradientAccumulator:
 
     @property
     def accumulation_steps(self) -> int | None:
-        """Size of the current window (1 under Lightning management); None when the caller
-        closes windows (``accumulation_steps=None``)."""
+        """Size of the current window (1 under Lightning); None if the caller closes them."""
         return None if self._state.caller_closed else self._state.window
 
     @property
     def effective_batch_size(self) -> int:
-        """Micro-batch size times accumulation (Lightning's when it manages), per process.
-
-        ConfigError when the caller closes windows (``accumulation_steps=None``): they have
-        no planned size."""
+        """Micro-batch size times accumulation (Lightning's when it manages), per process;
+        ConfigError with ``accumulation_steps=None`` (no planned size)."""
         if self._lightning:
             lightning_steps = trainer_accumulation(self.trainer) or 1
             return self._state.config.batch_size * lightning_steps
@@ -386,10 +311,7 @@ class GradientAccumulator:
 
     @property
     def effective_step(self) -> int:
-        """Windows closed so far (applied or skipped); Lightning's global_step if it manages.
-
-        Read before the ``accumulate`` that closes a window, it is that window's step, from 0.
-        """
+        """Windows closed so far: the open window's step, from 0 (Lightning's global_step)."""
         if self._lightning:
             return int(getattr(self.trainer, "global_step", 0))
         return self._state.effective_step
@@ -397,39 +319,30 @@ class GradientAccumulator:
     @property
     def stats(self) -> AccumulationStats:
         state = self.state
-        norm = state.last_grad_norm
-        total = self._lightning_calls if self._lightning else state.total_micro_steps
+        loss = self.window_loss
         return AccumulationStats(
-            total_steps=total,
+            total_steps=self._lightning_calls if self._lightning else state.total_micro_steps,
             optimizer_steps=self.effective_step if self._lightning else state.optimizer_steps,
             current_accumulation=state.micro_step,
             effective_batch_size=None if state.caller_closed else self.effective_batch_size,
             is_accumulating=state.is_accumulating,
-            last_grad_norm=math.nan if norm is None else norm,
+            last_grad_norm=math.nan if state.last_grad_norm is None else state.last_grad_norm,
             skipped_steps=state.skipped_steps,
-            last_window_loss=math.nan if self._window_loss is None else float(self.window_loss),
+            last_window_loss=math.nan if loss is None else float(loss),
         )
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """What resuming at this micro-step needs: the state, open-window grads, scaler state.
-
-        Loadable with ``torch.load(weights_only=True)``.
-        """
+        """What resuming at this micro-step needs (state, open window's gradients, scaler
+        state), loadable with ``torch.load(weights_only=True)``."""
         return checkpoint.capture(self.state, self.optimizer, self.scaler)
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], *, allow_config_change: bool = False
     ) -> None:
-        """Restore from ``state_dict()``. Checked whole before anything changes.
-
-        A checkpoint saved under another accumulation config is refused, unless
-        ``allow_config_change=True`` and it was taken at a window boundary. In a job of
-        several processes the ranks agree that they resume the same window: call it on
-        every rank, after ``prepare(model)`` when the model's ranks are not the whole job
-        (otherwise every process of the job takes part). Under DDP, call ``prepare(model)``
-        before the first forward (after loading, or before: it is then called again).
-        """
+        """Restore from ``state_dict()``, checked whole before anything changes (see
+        ``accumfn.checkpoint.restore``). Under data parallelism call it on every rank, after
+        ``prepare(model)`` when the model's ranks are not the whole job."""
         model = self._model
         self._state = checkpoint.restore(
             state_dict,
@@ -455,15 +368,7 @@ class GradientAccumulator:
         scheduler: Schedulers | None = None,
         trainer: Any = None,
     ) -> GradientAccumulator:
-        """An accumulator with the settings of ``config`` (``AccumulationConfig.from_yaml``).
-
-        The learning rate is not touched: build ``optimizer`` with
-        ``config.scaled_learning_rate``.
-        """
-        if not isinstance(config, AccumulationConfig):
-            raise ConfigError(
-                f"config must be an AccumulationConfig, got {type(config).__name__}; build it "
-                f"with AccumulationConfig.from_yaml(path) or AccumulationConfig.from_mapping(d)."
-            )
-        kwargs = {**config.init_kwargs(), "scaler": scaler, "scheduler": scheduler}
+        """An accumulator with the settings of ``config`` (``AccumulationConfig.from_yaml``);
+        build ``optimizer`` with ``config.scaled_learning_rate``."""
+        kwargs = {**init_kwargs_of(config), "scaler": scaler, "scheduler": scheduler}
         return cls(optimizer, kwargs.pop("steps"), trainer=trainer, **kwargs)

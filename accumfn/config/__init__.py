@@ -16,5 +16,6 @@ from ._advice import format_lr_advice as format_lr_advice
 from ._advice import plan_text as plan_text
 from ._advice import same_batch_rows as same_batch_rows
 from ._settings import AccumulationConfig
+from ._settings import init_kwargs_of as init_kwargs_of
 
 __all__ = ["AccumulationConfig"]

@@ -421,3 +421,13 @@ def _unknown(key: str, value: object, names: list[str], section: str | None) -> 
         f"{', '.join(names)}. Fix the spelling, or pass ignore=[{key!r}] (accumfn check/plan: "
         f"--ignore {key}) for a key your own code reads."
     )
+
+
+def init_kwargs_of(config: object) -> dict[str, Any]:
+    """``config.init_kwargs()``; ConfigError unless ``config`` is an AccumulationConfig."""
+    if not isinstance(config, AccumulationConfig):
+        raise ConfigError(
+            f"config must be an AccumulationConfig, got {type(config).__name__}; build it "
+            f"with AccumulationConfig.from_yaml(path) or AccumulationConfig.from_mapping(d)."
+        )
+    return config.init_kwargs()

@@ -21,6 +21,7 @@ from ._accumulate import accumulate, check_loss, flush, micro_step_context, prep
 from ._apply import StepReport, apply_step, reset_epoch, step_window
 from ._apply import check_hooks as check_hooks
 from ._apply import check_model as check_model
+from ._apply import check_settings as check_settings
 from ._apply import prepare_step as prepare_step
 from ._apply import run_step as run_step
 from ._foreign import check_foreign_optimizer as check_foreign_optimizer

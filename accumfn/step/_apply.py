@@ -26,6 +26,7 @@ from ..grads import (
     optimizer_params,
     zero_grads_,
 )
+from ._foreign import check_foreign_optimizer
 from ._guard import existing_guard, guard_for, guards_of
 from ._tally import WindowLoss, closed_loss
 from ._window import (
@@ -41,6 +42,7 @@ from ._window import (
     enabled,
     param_set,
     warn_untracked,
+    window_params,
 )
 
 __all__ = [
@@ -170,6 +172,29 @@ def check_hooks(before_step: object, clip_value: object) -> float | None:
             f"{type(before_step).__name__}."
         )
     return check_positive_float("clip_value", clip_value, allow_none=True)
+
+
+def check_settings(
+    optimizer: object,
+    steps: object,
+    scaler: object,
+    scheduler: object,
+    before_step: object = None,
+    clip_value: object = None,
+) -> float | None:
+    """The checks of ``prepare_step`` that need no model, for an object built to step
+    windows (``GradientAccumulator``): an error is raised when it is built. Returns
+    ``clip_value`` as a float (or None)."""
+    optimizers = as_optimizers(optimizer)
+    value = check_hooks(before_step, clip_value)
+    check_steppable(optimizers)
+    for item in optimizers:  # Accelerate's, DeepSpeed's, Fabric's: refused up front
+        check_foreign_optimizer(item, steps)
+    as_schedulers(scheduler)
+    check_scaler(scaler)
+    assert scaler is None or isinstance(scaler, GradScaler)
+    check_fp16_with_scaler(window_params(optimizers), scaler, grads=False)
+    return value
 
 
 _checked: (

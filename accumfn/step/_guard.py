@@ -576,8 +576,12 @@ def all_guards() -> list[WindowGuard]:
 
 
 def report_dropped(model: nn.Module | None) -> None:
-    """A ``GradientAccumulator`` training ``model`` was garbage-collected."""
-    guard = None if model is None or _exiting else _GUARDS.get(model)
+    """A ``GradientAccumulator`` training ``model`` was garbage-collected (called from its
+    ``__del__``: silent at interpreter shutdown, when the modules may be gone)."""
+    try:
+        guard = None if model is None or _exiting else _GUARDS.get(model)
+    except Exception:  # (at shutdown)
+        return
     if guard is not None:
         guard.report(
             "accumfn: a GradientAccumulator was garbage-collected",
