@@ -20,7 +20,6 @@ from .integrations import check_conflict, trainer_accumulation
 from .step import (
     Optimizers,
     Schedulers,
-    WindowLoss,
     accumulate,
     as_optimizers,
     carry,
@@ -133,7 +132,7 @@ class GradientAccumulator:
         self._lightning = trainer is not None and accumulation_steps == 1
         self._lightning_calls = 0
         self._norm: torch.Tensor | None = None
-        self._window_loss: WindowLoss | None = None
+        self._window_loss: torch.Tensor | None = None
         self._track_grad_norm = track_grad_norm
         self._model: nn.Module | None = None
         self._watched: nn.Module | None = None  # whose window guard watches the optimizers
@@ -289,7 +288,7 @@ class GradientAccumulator:
     def window_loss(self) -> torch.Tensor | None:
         """The last window's loss (``AccumulationStats.last_window_loss``), a 0-dim float64
         tensor on the device; None before the first window."""
-        return None if self._window_loss is None else self._window_loss.value()
+        return self._window_loss
 
     @property
     def is_lightning_managed(self) -> bool:

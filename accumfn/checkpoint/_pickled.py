@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from ..core import AccumState
-from ..step import WindowLoss, attach_beside, tally_beside
+from ..step import attach_beside, tally_beside
 
 __all__ = ["pickled", "unpickled"]
 
@@ -42,8 +40,6 @@ def unpickled(saved: dict[str, Any]) -> dict[str, Any]:
         name = _OLD_NAMES.get(name, name)
         if name and name != "_beside":
             attributes[name] = value
-    if isinstance(attributes["_window_loss"], torch.Tensor):  # before it was divided on read
-        attributes["_window_loss"] = WindowLoss(attributes["_window_loss"], 1)
     if saved.get("_beside") is not None:
         attach_beside(attributes["_state"], saved["_beside"])
     return attributes

@@ -31,7 +31,6 @@ from ._guard import existing_guard as existing_guard
 from ._guard import guard_for as guard_for
 from ._guard import guards_of as guards_of
 from ._guard import report_dropped as report_dropped
-from ._tally import WindowLoss as WindowLoss
 from ._tally import attach_beside as attach_beside
 from ._tally import carry as carry
 from ._tally import closed_loss as closed_loss

@@ -28,7 +28,7 @@ from ..grads import (
 )
 from ._foreign import check_foreign_optimizer
 from ._guard import existing_guard, guard_for, guards_of
-from ._tally import WindowLoss, closed_loss
+from ._tally import closed_loss
 from ._window import (
     LRScheduler,
     Optimizers,
@@ -69,18 +69,13 @@ class StepReport:
     """Pre-clip norm of the window's (unscaled, normalized) gradients: computed when
     something uses it (clipping, ``skip_nonfinite``, the GradScaler's check across several
     optimizers) or ``grad_norm=True`` asked for it; else None, and no norm is computed."""
-    _loss: WindowLoss | None = attrs.field(default=None, repr=False)
-    """The window's loss, divided when ``window_loss`` is first read."""
-
-    @property
-    def window_loss(self) -> torch.Tensor | None:
-        """The window's loss as the large batch computes it, a 0-dim float64 tensor on the
-        device, not read: the mean of the window's micro-batch losses over all ranks (mean
-        mode), or their sum over all ranks divided by the window's item count over all
-        ranks (item mode; nan for a window without items). As given to ``accumulate``: not
-        scaled by a GradScaler, nor divided by the window. None for a window ``accumulate``
-        did not close (a state rebuilt by hand)."""
-        return None if self._loss is None else self._loss.value()
+    window_loss: torch.Tensor | None = None
+    """The window's loss as the large batch computes it, a 0-dim float64 tensor on the
+    device, not read: the mean of the window's micro-batch losses over all ranks (mean
+    mode), or their sum over all ranks divided by the window's item count over all ranks
+    (item mode; nan for a window without items). As given to ``accumulate``: not scaled by
+    a GradScaler, nor divided by the window. None for a window ``accumulate`` did not
+    close (a state rebuilt by hand)."""
 
 
 def check_model(model: object, *, optional: bool = False, hint: str = _ORDER) -> None:

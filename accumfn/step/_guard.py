@@ -577,17 +577,18 @@ def all_guards() -> list[WindowGuard]:
 
 def report_dropped(model: nn.Module | None) -> None:
     """A ``GradientAccumulator`` training ``model`` was garbage-collected (called from its
-    ``__del__``: silent at interpreter shutdown, when the modules may be gone)."""
+    ``__del__``, which can raise nothing: an error here, e.g. the warning turned into one by
+    ``-W error`` or at interpreter shutdown when the modules may be gone, is dropped)."""
     try:
         guard = None if model is None or _exiting else _GUARDS.get(model)
-    except Exception:  # (at shutdown)
-        return
-    if guard is not None:
-        guard.report(
-            "accumfn: a GradientAccumulator was garbage-collected",
-            "Pass is_final_batch=True with the last micro-batch, or call accumulator.flush() "
-            "after the loop.",
-        )
+        if guard is not None:
+            guard.report(
+                "accumfn: a GradientAccumulator was garbage-collected",
+                "Pass is_final_batch=True with the last micro-batch, or call "
+                "accumulator.flush() after the loop.",
+            )
+    except Exception:
+        pass
 
 
 @atexit.register

@@ -30,7 +30,6 @@ from ..errors import ConfigError
 
 __all__ = [
     "Tally",
-    "WindowLoss",
     "attach",
     "attach_beside",
     "carry",
@@ -151,42 +150,23 @@ def read_items(value: torch.Tensor) -> int:
     return check_counted_items(int(value.item()))
 
 
-class WindowLoss:
-    """A closed window's loss as the large batch computes it, divided when first read:
-    the summed losses of all ranks (the window's own float64 tensor, on the device) over
-    the window's micro-batches of all ranks (mean mode) or its items of all ranks (item
-    mode; nan for a window without items, as the large batch's empty mean). A window
-    whose loss nobody reads costs no division."""
-
-    __slots__ = ("divisor", "total")
-
-    def __init__(self, total: torch.Tensor, divisor: int) -> None:
-        self.total = total
-        self.divisor = divisor
-
-    def value(self) -> torch.Tensor:
-        """The loss, a 0-dim float64 tensor on the device (nothing read)."""
-        if self.divisor != 1:  # divided once: later reads get the same tensor
-            total = self.total
-            self.total = total / self.divisor if self.divisor else total * math.nan
-            self.divisor = 1
-        return self.total
-
-
 def loss_of_window(
     loss_sum: torch.Tensor | float, state: AccumState, micro_steps: int, items: int
-) -> WindowLoss:
-    """The window's loss (``WindowLoss``) from its summed losses of all ranks, its
-    micro-batches of all ranks and its items of all ranks."""
+) -> torch.Tensor:
+    """The window's loss as the large batch computes it, on the device: the summed losses
+    of all ranks over the window's micro-batches of all ranks (mean mode) or its items of
+    all ranks (item mode; nan for a window without items, as the large batch's empty mean)."""
     divisor = items if state.window_norm is Normalization.ITEMS else micro_steps
     if not isinstance(loss_sum, torch.Tensor):
         loss_sum = torch.tensor(loss_sum, dtype=torch.float64)
-    return WindowLoss(loss_sum, divisor)
+    if divisor == 1:  # a window of one micro-batch (mean mode): its sum, already a copy
+        return loss_sum
+    return loss_sum / divisor if divisor else loss_sum * math.nan
 
 
 # -- the tallies beside the states ---------------------------------------------------------
 
-_BESIDE: dict[int, tuple[weakref.ref[AccumState], Tally | WindowLoss]] = {}
+_BESIDE: dict[int, tuple[weakref.ref[AccumState], Tally | torch.Tensor]] = {}
 """By ``id(state)``: the open window's tally, or a closed window's loss; an entry goes
 with its state."""
 
@@ -198,7 +178,7 @@ def _forget(key: int) -> Callable[[object], None]:
     return forget
 
 
-def attach(state: AccumState, value: Tally | WindowLoss) -> None:
+def attach(state: AccumState, value: Tally | torch.Tensor) -> None:
     """Keep ``value`` beside ``state`` (its open window's tally, or its closed window's loss)."""
     key = id(state)
     _BESIDE[key] = (weakref.ref(state, _forget(key)), value)
@@ -208,7 +188,7 @@ attach_beside = attach
 """``attach`` by the name the layers above use."""
 
 
-def _beside(state: AccumState) -> Tally | WindowLoss | None:
+def _beside(state: AccumState) -> Tally | torch.Tensor | None:
     entry = _BESIDE.get(id(state))
     if entry is None or entry[0]() is not state:
         return None
@@ -243,13 +223,13 @@ def _refuse_copy(state: AccumState) -> None:
     )
 
 
-def closed_loss(state: AccumState) -> WindowLoss | None:
-    """The loss of ``state``'s closed window, if it was tallied."""
+def closed_loss(state: AccumState) -> torch.Tensor | None:
+    """The loss of ``state``'s closed window (on the device), if it was tallied."""
     found = _beside(state)
-    return found if isinstance(found, WindowLoss) and state.closed else None
+    return found if isinstance(found, torch.Tensor) and state.closed else None
 
 
-def tally_beside(state: AccumState) -> Tally | WindowLoss | None:
+def tally_beside(state: AccumState) -> Tally | torch.Tensor | None:
     """What is kept beside ``state`` (for pickling an object that holds it), or None."""
     return _beside(state)
 
