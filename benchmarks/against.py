@@ -61,12 +61,11 @@ def _functional(lib: Any) -> Any:
 
 
 def _accumulator(lib: Any, window: int = WINDOW) -> Any:
-    """``GradientAccumulator`` of ``lib``; ``window=1``: every micro-step a window, unclipped
-    (against the plain ``backward(); step(); zero_grad()`` loop)."""
+    """``GradientAccumulator`` of ``lib``; ``window=1``: every micro-step a window (against
+    the plain ``backward(); step(); zero_grad()`` loop, both clipped as the workload is)."""
 
     def make(work: Workload, model: nn.Module, optimizer: torch.optim.Optimizer) -> MicroStep:
-        clip = work.max_grad_norm if window > 1 else None
-        accumulator = lib.GradientAccumulator(optimizer, window, max_grad_norm=clip)
+        accumulator = lib.GradientAccumulator(optimizer, window, max_grad_norm=work.max_grad_norm)
 
         def step(index: int, batch: Batch, last: bool) -> None:
             accumulator.accumulate(work.loss(model, batch), model, is_final_batch=last)

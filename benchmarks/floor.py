@@ -3,7 +3,8 @@
 ``GradientAccumulator(optimizer, 1, max_grad_norm=None)`` makes every micro-step a window.
 Against the plain ``backward(); step(); zero_grad()`` loop, this times loops that do only
 part of what any window of accumfn does, on one model and optimizer, in turns, as
-``python -m benchmarks`` does (``timing.time_windows``):
+``python -m benchmarks`` does (``timing.time_windows``), each clipping as the workload does
+(``mlp_noclip``: none; the plain loop with ``clip_grad_norm_``, accumfn's own):
 
 - ``transitions``: the plain loop plus the core's three transitions of a window
   (``micro_step``, ``close_window``, ``finish_step``: the state ``accumulate`` returns, the
@@ -11,7 +12,8 @@ part of what any window of accumfn does, on one model and optimizer, in turns, a
 - ``one_transition``: the plain loop plus ``micro_step`` alone;
 - ``loss_copy``: the plain loop plus the window's loss kept on the device (the loss
   detached and copied to float64: one op, as ``accumulate`` does on every micro-step);
-- ``transitions_and_copy``: both, the least a window of accumfn does.
+- ``transitions_and_copy``: both, the least a window of accumfn does;
+- ``window_of_one``: ``GradientAccumulator(optimizer, 1)`` itself.
 
 with ``plain_control`` (the plain loop again) as the noise floor. It prints each loop's
 ratio to the plain loop (median [min, max] over the repeats).
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from accumfn import core
+from accumfn import GradientAccumulator, core
 
 from .loops import LOOPS, MicroStep
 from .timing import compare, time_windows
@@ -49,6 +51,8 @@ def _lean(transitions: int, copy: bool) -> Callable[[Workload, nn.Module, Optimi
             if copy:
                 loss.detach().to(torch.float64, copy=True)
             closed = core.close_window(opened) if transitions >= 2 else opened
+            if work.max_grad_norm is not None:  # as the plain loop does
+                torch.nn.utils.clip_grad_norm_(model.parameters(), work.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if transitions >= 3:
@@ -59,13 +63,23 @@ def _lean(transitions: int, copy: bool) -> Callable[[Workload, nn.Module, Optimi
     return make
 
 
+def _window_of_one(work: Workload, model: nn.Module, optimizer: Optimizer) -> MicroStep:
+    """``GradientAccumulator(optimizer, 1, max_grad_norm=...)`` as the workload clips."""
+    accumulator = GradientAccumulator(optimizer, 1, max_grad_norm=work.max_grad_norm)
+
+    def step(index: int, batch: Batch, last: bool) -> None:
+        accumulator.accumulate(work.loss(model, batch), model, is_final_batch=last)
+
+    return step
+
+
 ROWS = {
     "plain_control": "control: the plain loop again",
     "one_transition": "+ micro_step",
     "transitions": "+ the core's three transitions",
     "loss_copy": "+ the window's loss copy",
     "transitions_and_copy": "+ three transitions and the loss copy",
-    "accumulator_steps1": "GradientAccumulator(optimizer, 1, max_grad_norm=None)",
+    "window_of_one": "GradientAccumulator(optimizer, 1)",
 }
 
 
@@ -82,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         transitions=_lean(3, False),
         loss_copy=_lean(0, True),
         transitions_and_copy=_lean(3, True),
+        window_of_one=_window_of_one,
     )
     names = ["plain", *ROWS]
     for name in args.only:
