@@ -1,5 +1,8 @@
 """All-reduce calls and wall time per window on 2 DDP gloo ranks: accumfn vs a naive loop.
 
+Besides the gradient all-reduces it counts the all-gathers (accumfn's window header: one
+small int64 row per rank, the exchange in which the ranks agree on the window).
+
 The naive loop is the one people write first: ``(loss / N).backward()`` on every micro-step,
 so DDP all-reduces every backward. accumfn tells DDP to sync only the window's last
 backward. Same model, data and optimizer; the two runs alternate, each repeat times a few
@@ -39,13 +42,36 @@ WINDOWS = 3  # timed windows per repeat
 BUCKET_CAP_MB = 25.0  # DDP's default
 
 
+_GATHERS = [name for name in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, name)]
+
+
 class _Counter:
-    """Counts gradient all-reduce calls: DDP buckets (comm hook) and explicit all_reduce."""
+    """Counts gradient all-reduce calls (DDP buckets through the comm hook, and explicit
+    all_reduce) and all-gather calls."""
 
     def __init__(self) -> None:
         self.calls = 0
+        self.gathers = 0
         self._in_hook = False
         self._real = dist.all_reduce
+        self._real_gathers = {name: getattr(dist, name) for name in _GATHERS}
+
+    def patch(self) -> None:
+        dist.all_reduce = self.all_reduce  # type: ignore[assignment]
+        for name, real in self._real_gathers.items():
+            setattr(dist, name, self._gather(real))
+
+    def unpatch(self) -> None:
+        dist.all_reduce = self._real  # type: ignore[assignment]
+        for name, real in self._real_gathers.items():
+            setattr(dist, name, real)
+
+    def _gather(self, real: Any) -> Any:
+        def gather(*args: Any, **kwargs: Any) -> Any:
+            self.gathers += 1
+            return real(*args, **kwargs)
+
+        return gather
 
     def hook(self, group: dist.ProcessGroup, bucket: dist.GradBucket) -> Any:
         self.calls += 1
@@ -91,8 +117,8 @@ def _accumfn_window(model: nn.Module, accumulator: accumfn.GradientAccumulator, 
         accumulator.accumulate(nn.functional.mse_loss(model(x), y), model)
 
 
-def _measure(rank: int, method: str) -> tuple[float, float]:
-    """(all-reduce calls per window, seconds per window) of ``method`` on this rank."""
+def _measure(rank: int, method: str) -> tuple[float, float, float]:
+    """(all-reduce calls, all-gather calls, seconds) per window of ``method`` on this rank."""
     counter = _Counter()
     model = _model(counter)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -108,20 +134,20 @@ def _measure(rank: int, method: str) -> tuple[float, float]:
         def window() -> None:
             _naive_window(model, optimizer, data)
 
-    dist.all_reduce = counter.all_reduce  # type: ignore[assignment]
+    counter.patch()
     try:
         window()  # warm-up: DDP rebuilds its buckets after the first round
-        counter.calls = 0
+        counter.calls = counter.gathers = 0
         dist.barrier()
         start = time.perf_counter()
         for _ in range(WINDOWS):
             window()
         elapsed = time.perf_counter() - start
     finally:
-        dist.all_reduce = counter._real  # type: ignore[assignment]
+        counter.unpatch()
     slowest = torch.tensor([elapsed], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return counter.calls / WINDOWS, float(slowest) / WINDOWS
+    return counter.calls / WINDOWS, counter.gathers / WINDOWS, float(slowest) / WINDOWS
 
 
 def _worker(rank: int, port: int, repeats: int, out: str) -> None:
@@ -135,17 +161,21 @@ def _worker(rank: int, port: int, repeats: int, out: str) -> None:
     )
     try:
         calls: dict[str, list[float]] = {"accumfn": [], "naive": []}
+        gathers: dict[str, list[float]] = {"accumfn": [], "naive": []}
         seconds: dict[str, list[float]] = {"accumfn": [], "naive": []}
         for repeat in range(repeats):
             order = ("accumfn", "naive") if repeat % 2 == 0 else ("naive", "accumfn")
             for method in order:
-                n, s = _measure(rank, method)
+                n, g, s = _measure(rank, method)
                 calls[method].append(n)
+                gathers[method].append(g)
                 seconds[method].append(s)
         if rank == 0:
             result = {
                 "allreduce_per_window_accumfn": statistics.median(calls["accumfn"]),
                 "allreduce_per_window_naive": statistics.median(calls["naive"]),
+                "allgather_per_window_accumfn": statistics.median(gathers["accumfn"]),
+                "allgather_per_window_naive": statistics.median(gathers["naive"]),
                 "window_ms_accumfn": 1e3 * statistics.median(seconds["accumfn"]),
                 "window_ms_naive": 1e3 * statistics.median(seconds["naive"]),
             }
@@ -194,11 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = run(args.repeats)
     print(f"DDP, {WORLD} gloo ranks on CPU, {WINDOW} micro-steps per window (medians)")
-    print(f"{'':12} {'all-reduce calls/window':>24} {'ms/window':>10}")
+    print(f"{'':12} {'all-reduce calls/window':>24} {'all-gathers/window':>19} {'ms/window':>10}")
     for method in ("accumfn", "naive"):
         calls = result[f"allreduce_per_window_{method}"]
+        gathers = result[f"allgather_per_window_{method}"]
         ms = result[f"window_ms_{method}"]
-        print(f"{method:12} {calls:>24.1f} {ms:>10.1f}")
+        print(f"{method:12} {calls:>24.1f} {gathers:>19.1f} {ms:>10.1f}")
     print(f"naive / accumfn wall time per window: {result['ratio']:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
