@@ -89,3 +89,33 @@ def test_a_window_of_one_keeps_a_copy_of_its_loss(items: int | None) -> None:
     with torch.no_grad():
         loss.mul_(0.0)  # the caller's loss changed in place after the step
     assert float(kept) == expected == accumulator.stats.last_window_loss
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("counts", ["ints", "tensors"])
+def test_an_open_window_pickles_by_every_protocol(protocol: int, counts: str) -> None:
+    """Mid-window (its running loss and tensor counts beside the state), then closed by the
+    copy (the window's gradients carried over by hand: torch pickles no ``.grad``): the same
+    loss and parameters as the large batch over the same items."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    accumulator = accumfn.GradientAccumulator(optimizer, 2, max_grad_norm=None)
+
+    def count(n: int) -> int | torch.Tensor:
+        return n if counts == "ints" else torch.tensor(n)
+
+    accumulator.accumulate(model(X[:2]).pow(2).sum(), model, num_items=count(2))
+    copied = pickle.loads(pickle.dumps((model, optimizer, accumulator), protocol=protocol))
+    model2, _, accumulator2 = copied
+    for ours, theirs in zip(model2.parameters(), model.parameters(), strict=True):
+        ours.grad = theirs.grad.clone()  # (torch pickles no .grad: the window's, carried over)
+    assert accumulator2.accumulate(model2(X[2:]).pow(2).sum(), model2, num_items=count(2))
+    reference = _model()
+    with torch.no_grad():
+        expected = float(reference(X).pow(2).mean())
+    reference.zero_grad()
+    reference(X).pow(2).mean().backward()
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    assert accumulator2.stats.last_window_loss == pytest.approx(expected, rel=1e-6)
+    for ours, theirs in zip(model2.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(ours, theirs)

@@ -101,8 +101,13 @@ class Tally:
         self.least = least
         self.counted = counted
 
+    def __reduce__(self) -> tuple[type[Tally], tuple[object, ...]]:
+        """Pickle by every protocol (slots alone pickle from protocol 2 on)."""
+        return Tally, (self.loss, self.items, self.least, self.counted)
+
     def __setstate__(self, saved: tuple[None, dict[str, object]]) -> None:
-        """Unpickle, also a tally pickled before ``counted`` was kept."""
+        """Unpickle a tally pickled by its slots (earlier versions), also before ``counted``
+        was kept."""
         self.counted = 0
         for name, value in saved[1].items():
             setattr(self, name, value)
