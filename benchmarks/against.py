@@ -2,7 +2,8 @@
 
 REV's ``accumfn`` package is exported from git into a temporary directory under the name
 ``accumfn_base`` and imported beside this tree's; the loops (functional API with
-``step_window``, and ``GradientAccumulator``, of each) take turns a window at a time on one
+``step_window``, ``GradientAccumulator``, and ``GradientAccumulator(optimizer, 1)`` beside
+the plain loop, clipped as the workload is, of each) take turns a window at a time on one
 model and optimizer, as in ``python -m benchmarks`` (``timing.time_windows``), with two
 control rows: the hand loop against itself, and REV's functional loop against itself. It
 prints, per workload, the difference per non-boundary micro-step and per boundary and the
@@ -23,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 import accumfn
 
-from .loops import LOOPS, MicroStep
+from .loops import LOOPS, accumulator_loop, functional_loop
 from .timing import compare, time_windows
-from .workloads import WINDOW, Batch, Workload, workload
+from .workloads import workload
 
 __all__ = ["main"]
 
@@ -42,37 +42,6 @@ PAIRS = [
     ("accumulator_steps1", "plain"),
     ("base_steps1", "plain"),
 ]
-
-
-def _functional(lib: Any) -> Any:
-    def make(work: Workload, model: nn.Module, optimizer: torch.optim.Optimizer) -> MicroStep:
-        state = lib.init(WINDOW, max_grad_norm=work.max_grad_norm)
-
-        def step(index: int, batch: Batch, last: bool) -> None:
-            nonlocal state
-            loss = work.loss(model, batch)
-            state, stepped = lib.accumulate(state, loss, model, is_final_batch=last)
-            if stepped:
-                state = lib.step_window(state, optimizer, model).state
-
-        return step
-
-    return make
-
-
-def _accumulator(lib: Any, window: int = WINDOW) -> Any:
-    """``GradientAccumulator`` of ``lib``; ``window=1``: every micro-step a window (against
-    the plain ``backward(); step(); zero_grad()`` loop, both clipped as the workload is)."""
-
-    def make(work: Workload, model: nn.Module, optimizer: torch.optim.Optimizer) -> MicroStep:
-        accumulator = lib.GradientAccumulator(optimizer, window, max_grad_norm=work.max_grad_norm)
-
-        def step(index: int, batch: Batch, last: bool) -> None:
-            accumulator.accumulate(work.loss(model, batch), model, is_final_batch=last)
-
-        return step
-
-    return make
 
 
 def _import_base(rev: str, into: Path) -> Any:
@@ -103,13 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="accumfn-base-") as tmp:
         base = _import_base(args.rev, Path(tmp))
         LOOPS.update(
-            accumfn=_functional(accumfn),
-            accumulator=_accumulator(accumfn),
-            base=_functional(base),
-            base_control=_functional(base),
-            base_accumulator=_accumulator(base),
-            accumulator_steps1=_accumulator(accumfn, 1),
-            base_steps1=_accumulator(base, 1),
+            accumfn=functional_loop(accumfn),
+            accumulator=accumulator_loop(accumfn),
+            base=functional_loop(base),
+            base_control=functional_loop(base),
+            base_accumulator=accumulator_loop(base),
+            accumulator_steps1=accumulator_loop(accumfn, 1),
+            base_steps1=accumulator_loop(base, 1),
         )
         names = ["hand", "hand_control", "accumfn", "base", "base_control"]
         names += ["accumulator", "base_accumulator", "plain", "accumulator_steps1", "base_steps1"]

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from accumfn import GradientAccumulator, core
+from accumfn import core
 
-from .loops import LOOPS, MicroStep
+from .loops import LOOPS, MicroStep, accumulator_loop
 from .timing import compare, time_windows
 from .workloads import Batch, Workload, workload
 
@@ -63,16 +63,6 @@ def _lean(transitions: int, copy: bool) -> Callable[[Workload, nn.Module, Optimi
     return make
 
 
-def _window_of_one(work: Workload, model: nn.Module, optimizer: Optimizer) -> MicroStep:
-    """``GradientAccumulator(optimizer, 1, max_grad_norm=...)`` as the workload clips."""
-    accumulator = GradientAccumulator(optimizer, 1, max_grad_norm=work.max_grad_norm)
-
-    def step(index: int, batch: Batch, last: bool) -> None:
-        accumulator.accumulate(work.loss(model, batch), model, is_final_batch=last)
-
-    return step
-
-
 ROWS = {
     "plain_control": "control: the plain loop again",
     "one_transition": "+ micro_step",
@@ -96,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         transitions=_lean(3, False),
         loss_copy=_lean(0, True),
         transitions_and_copy=_lean(3, True),
-        window_of_one=_window_of_one,
+        window_of_one=accumulator_loop(window=1),
     )
     names = ["plain", *ROWS]
     for name in args.only:

@@ -20,7 +20,17 @@ import accumfn
 
 from .workloads import WINDOW, Batch, Workload
 
-__all__ = ["LOOPS", "MicroStep", "MissingPackage", "StepLoop", "make_loop", "make_step"]
+__all__ = [
+    "LOOPS",
+    "LoopMaker",
+    "MicroStep",
+    "MissingPackage",
+    "StepLoop",
+    "accumulator_loop",
+    "functional_loop",
+    "make_loop",
+    "make_step",
+]
 
 MicroStep = Callable[[int, Batch, bool], None]
 """One micro-step: (index in the window, batch, is the last batch of the data)."""
@@ -45,63 +55,49 @@ def hand_step(workload: Workload, model: nn.Module, optimizer: torch.optim.Optim
     return step
 
 
-def _functional(
-    workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer, read_norm: bool
-) -> MicroStep:
-    state = accumfn.init(WINDOW, max_grad_norm=workload.max_grad_norm)
-
-    def step(index: int, batch: Batch, last: bool) -> None:
-        nonlocal state
-        loss = workload.loss(model, batch)
-        state, stepped = accumfn.accumulate(state, loss, model, is_final_batch=last)
-        if stepped:
-            state = (
-                accumfn.apply_step(state, optimizer, model)
-                if read_norm
-                else accumfn.step_window(state, optimizer, model).state
-            )
-
-    return step
+LoopMaker = Callable[[Workload, nn.Module, torch.optim.Optimizer], MicroStep]
+"""Builds a loop's micro-step function on a model and optimizer."""
 
 
-def functional_step(
-    workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> MicroStep:
-    """accumfn's functional API: ``accumulate``, then ``step_window`` (no norm read)."""
-    return _functional(workload, model, optimizer, read_norm=False)
+def functional_loop(lib: Any = accumfn, *, read_norm: bool = False) -> LoopMaker:
+    """accumfn's functional API (of ``lib``: this tree's, or another revision's imported
+    under another name): ``accumulate``, then ``step_window`` (no norm read) or, with
+    ``read_norm``, ``apply_step`` (reads the norm: 1 sync per window)."""
+
+    def make(workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer) -> MicroStep:
+        state = lib.init(WINDOW, max_grad_norm=workload.max_grad_norm)
+
+        def step(index: int, batch: Batch, last: bool) -> None:
+            nonlocal state
+            loss = workload.loss(model, batch)
+            state, stepped = lib.accumulate(state, loss, model, is_final_batch=last)
+            if stepped:
+                state = (
+                    lib.apply_step(state, optimizer, model)
+                    if read_norm
+                    else lib.step_window(state, optimizer, model).state
+                )
+
+        return step
+
+    return make
 
 
-def apply_step_step(
-    workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> MicroStep:
-    """accumfn's functional API with ``apply_step``, which reads the norm (1 sync/window)."""
-    return _functional(workload, model, optimizer, read_norm=True)
+def accumulator_loop(lib: Any = accumfn, window: int = WINDOW, *, clip: bool = True) -> LoopMaker:
+    """accumfn's object API (of ``lib``): ``GradientAccumulator(optimizer, window)``,
+    clipped as the workload is (``clip=False``: ``max_grad_norm=None``); ``window=1`` makes
+    every micro-step a window."""
 
+    def make(workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer) -> MicroStep:
+        clipped = workload.max_grad_norm if clip else None
+        accumulator = lib.GradientAccumulator(optimizer, window, max_grad_norm=clipped)
 
-def accumulator_step(
-    workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> MicroStep:
-    """accumfn's object API: ``GradientAccumulator.accumulate``."""
-    accumulator = accumfn.GradientAccumulator(
-        optimizer, WINDOW, max_grad_norm=workload.max_grad_norm
-    )
+        def step(index: int, batch: Batch, last: bool) -> None:
+            accumulator.accumulate(workload.loss(model, batch), model, is_final_batch=last)
 
-    def step(index: int, batch: Batch, last: bool) -> None:
-        accumulator.accumulate(workload.loss(model, batch), model, is_final_batch=last)
+        return step
 
-    return step
-
-
-def accumulator_steps1_step(
-    workload: Workload, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> MicroStep:
-    """``GradientAccumulator(optimizer, 1, max_grad_norm=None)``: every micro-step a window."""
-    accumulator = accumfn.GradientAccumulator(optimizer, 1, max_grad_norm=None)
-
-    def step(index: int, batch: Batch, last: bool) -> None:
-        accumulator.accumulate(workload.loss(model, batch), model, is_final_batch=last)
-
-    return step
+    return make
 
 
 _ACCELERATOR: Any = None
@@ -154,14 +150,14 @@ def large_batch_step(
     return step
 
 
-LOOPS: dict[str, Callable[[Workload, nn.Module, torch.optim.Optimizer], MicroStep]] = {
+LOOPS: dict[str, LoopMaker] = {
     "hand": hand_step,
     "hand_control": hand_step,
-    "accumfn": functional_step,
-    "accumfn_apply_step": apply_step_step,
-    "accumulator": accumulator_step,
+    "accumfn": functional_loop(),
+    "accumfn_apply_step": functional_loop(read_norm=True),
+    "accumulator": accumulator_loop(),
     "plain": large_batch_step,  # on micro-batches: no accumulation, a step each
-    "accumulator_steps1": accumulator_steps1_step,
+    "accumulator_steps1": accumulator_loop(window=1, clip=False),
     "accelerate": accelerate_step,
     "large_batch": large_batch_step,
 }
